@@ -1,0 +1,225 @@
+"""Presets and command-line overrides resolved into one validated, frozen run config.
+
+Every default lives in `configs/` (presets and optimizer hyperparameters); this module only merges,
+checks and identifies. A config's identity (`config_hash`) covers everything that can change the
+numbers a run produces, and nothing that cannot (where results are written, where data is read from,
+console verbosity), so `compare` can recognise a finished run and reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from optbench.errors import ConfigError
+
+CONFIG_DIR = Path(os.environ.get("OPTBENCH_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "digits", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+# Warmup is the course's 500 steps, capped at this share of the run so short runs still train.
+WARMUP_MAX_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs. Build it with `resolve_config`, never by hand in code paths."""
+
+    optimizer: str
+    hparams: dict[str, Any]
+    dataset: str = "cifar10"
+    model: str = "vit_tiny_patch16_224"
+    patch_size: int | None = None  # None: chosen from the dataset's image size
+    depth: int | None = None  # None: the timm model's own depth
+    epochs: int = 50
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+    subset: int | None = None  # training images kept (class-balanced, fixed)
+    test_subset: int | None = None
+    augment: bool = True
+    warmup_steps: int = 500
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    memory_probe: bool = True
+    preset: str = "default"
+    # Not part of the identity: where things are, how chatty.
+    data_dir: str = "data"
+    download: bool = True
+    results_dir: str = "results"
+    log_every: int = 10
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        skip = {"data_dir", "download", "results_dir", "log_every", "preset"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.identity, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolved_warmup_steps(requested: int, total_steps: int) -> int:
+    """The warmup a run actually uses: the requested steps, but at most 10% of the run."""
+    return max(0, min(requested, math.ceil(WARMUP_MAX_FRACTION * total_steps)))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix or restore it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    return data
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "presets").glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(available_presets())}")
+    return _read_yaml(path)
+
+
+def optimizer_defaults(name: str) -> dict[str, Any]:
+    """The course's hyperparameters for one optimizer, from configs/optimizers/NAME.yaml."""
+    path = CONFIG_DIR / "optimizers" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no defaults for optimizer '{name}': {path} is missing")
+    return _read_yaml(path)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML would read it: 0.01 -> float, true -> bool, [0.9,0.99] -> list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+_INT_FIELDS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "warmup_steps": 0, "log_every": 1}
+_OPTIONAL_INT_FIELDS = {"subset": 1, "test_subset": 1, "patch_size": 1, "depth": 1}
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_hparams(optimizer: str, hp: dict[str, Any]) -> None:
+    lr = hp.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"learning rate for {optimizer} must be a positive number, got {lr!r}")
+    wd = hp.get("weight_decay", 0.0)
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+        raise ConfigError(f"weight decay for {optimizer} must be a number >= 0, got {wd!r}")
+    betas = hp.get("betas")
+    if betas is not None:
+        ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        )
+        if not ok:
+            raise ConfigError(f"betas for {optimizer} must be two numbers in [0, 1), e.g. 0.9,0.99; got {betas!r}")
+    for key in ("eps", "p"):
+        if key in hp:
+            v = hp[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{key} for {optimizer} must be a positive number, got {v!r}")
+    if "update_period" in hp:
+        _check_int("update_period", hp["update_period"], 1)
+
+
+def resolve_config(
+    optimizer: str,
+    preset: str = "default",
+    overrides: dict[str, Any] | None = None,
+    hparam_overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Preset + overrides + the optimizer's defaults -> a validated RunConfig (or a ConfigError)."""
+    from optbench.optimizers import get_entry
+
+    entry = get_entry(optimizer)  # raises ConfigError for unknown names
+    settings = load_preset(preset)
+    settings.pop("seeds", None)
+    settings.pop("optimizers", None)
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(RunConfig)} - {"optimizer", "hparams", "preset"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in preset '{preset}' or options")
+
+    hparams = dict(entry.defaults())
+    for key, value in (hparam_overrides or {}).items():
+        if key not in hparams and key not in entry.extra_hparams:
+            allowed = sorted(set(hparams) | set(entry.extra_hparams) - {"title"})
+            raise ConfigError(f"{optimizer} has no hyperparameter '{key}': choose from {', '.join(allowed)}")
+        hparams[key] = value
+    if isinstance(hparams.get("betas"), tuple):
+        hparams["betas"] = list(hparams["betas"])
+    hparams.pop("title", None)
+    _check_hparams(optimizer, hparams)
+
+    for name, minimum in _INT_FIELDS.items():
+        if name in settings:
+            _check_int(name, settings[name], minimum)
+    for name, minimum in _OPTIONAL_INT_FIELDS.items():
+        if name in settings:
+            _check_int(name, settings[name], minimum, optional=True)
+    if settings.get("dataset", "cifar10") not in DATASETS:
+        raise ConfigError(f"unknown dataset '{settings['dataset']}': choose one of {', '.join(DATASETS)}")
+    if settings.get("device", "auto") not in DEVICES:
+        raise ConfigError(f"unknown device '{settings['device']}': choose one of {', '.join(DEVICES)}")
+    if settings.get("precision", "auto") not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{settings['precision']}': choose one of {', '.join(PRECISIONS)}")
+    for name in ("augment", "compile", "memory_probe", "download"):
+        if name in settings and not isinstance(settings[name], bool):
+            raise ConfigError(f"{name} must be true or false, got {settings[name]!r}")
+    for name in ("model", "data_dir", "results_dir"):
+        if name in settings and (not isinstance(settings[name], str) or not settings[name]):
+            raise ConfigError(f"{name} must be a non-empty text, got {settings[name]!r}")
+    return RunConfig(optimizer=optimizer, hparams=hparams, preset=preset, **settings)
+
+
+def preset_seeds(preset: str) -> list[int]:
+    seeds = load_preset(preset).get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ConfigError(f"preset '{preset}': seeds must be a list of whole numbers >= 0")
+    return seeds
+
+
+def with_runtime(config: RunConfig, **changes: Any) -> RunConfig:
+    """A copy with settings changed (e.g. the device resolved from 'auto')."""
+    return replace(config, **changes)
+
+
+__all__ = [
+    "CONFIG_DIR",
+    "RunConfig",
+    "available_presets",
+    "load_preset",
+    "parse_value",
+    "preset_seeds",
+    "resolve_config",
+    "resolved_warmup_steps",
+    "with_runtime",
+]

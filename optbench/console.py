@@ -1,0 +1,83 @@
+"""Console output for training: a rich progress bar, warnings, and the end-of-run summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from optbench.optimizers import title_of
+
+console = Console(stderr=True, highlight=False)
+
+
+def mib(value: int | float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f} MiB"
+
+
+class RichReporter:
+    """Live progress for one run: epoch bar with steps, running loss and throughput."""
+
+    def __init__(self, label: str, quiet: bool = False):
+        self.label, self.quiet = label, quiet
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> "RichReporter":
+        if not self.quiet:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+                console=console, transient=True,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def phase(self, text: str) -> None:
+        if not self.quiet:
+            console.print(f"[dim]{self.label}: {text}[/dim]")
+
+    def warn(self, text: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {text}")  # warnings show even with --quiet
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self._progress is None:
+            return
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(f"{self.label} epoch {epoch}/{epochs}", total=steps, loss="-",
+                                             speed="")
+
+    def progress(self, steps_done_in_epoch: int, loss: float, images_per_s: float) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=steps_done_in_epoch, loss=f"{loss:.4f}",
+                                  speed=f"{images_per_s:,.0f} img/s")
+
+    def epoch_end(self, row: dict[str, Any]) -> None:
+        if not self.quiet:
+            console.print(f"{self.label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}  "
+                          f"test loss {row['test_loss']:.4f}  test acc {row['test_acc']:.2%}  "
+                          f"train time {row['train_time_s']:.1f}s")
+
+
+def run_summary(record: dict[str, Any], path: Any) -> str:
+    acc = record["final_test_acc"]
+    lines = [
+        f"{title_of(record['optimizer'])}: status {record['status']}"
+        + (f" ({record['status_detail']})" if record["status_detail"] else ""),
+        f"  final test accuracy {acc:.2%}" if acc is not None else "  final test accuracy: none (run did not finish)",
+        f"  training wall-time {record['train_wall_time_s']:.1f}s (evaluation {record['eval_wall_time_s']:.1f}s, "
+        f"total {record['total_wall_time_s']:.1f}s), {record['steps']} steps, "
+        f"{(record['throughput_images_per_s'] or 0):,.0f} images/s",
+        f"  peak memory {mib(record['peak_memory_bytes'])} [{record['peak_memory_source']}]",
+        f"  optimizer state {mib(record['optimizer_state_bytes'])} for {record['param_count']:,} parameters",
+    ]
+    if record.get("hessian_updates") is not None:
+        lines.append(f"  Hessian estimates: {record['hessian_updates']} in {record['steps']} steps")
+    lines.append(f"  record: {path}")
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""One run end to end: config -> data -> model -> optimizer -> memory probe -> training -> run record."""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from importlib import metadata
+from typing import Any, Callable
+
+import torch
+
+from optbench import __version__
+from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
+from optbench.data import ImageData, load_dataset, steps_per_epoch
+from optbench.errors import DeviceError
+from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
+                              training_flops_per_image)
+from optbench.models import build_model, param_count
+from optbench.optimizers import BuildContext, get_entry
+from optbench.records import SCHEMA_VERSION, ensure_writable, utc_now, write_record
+from optbench.train import Reporter, autocast_for, train, training_step
+
+PACKAGES = ("torch", "torchvision", "timm", "schedulefree", "lion-pytorch", "pytorch-optimizer", "numpy",
+            "scikit-learn")
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but no CUDA GPU is visible to torch: "
+                          "use --device cpu, or run on a machine with a GPU and a CUDA build of torch")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def resolve_runtime(config: RunConfig) -> RunConfig:
+    """Fix 'auto' device and precision to what will run (they are part of the run's identity)."""
+    device = resolve_device(config.device)
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return with_runtime(config, device=device.type, precision=precision)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    device_name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {
+        "optbench": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "device": device.type, "device_name": device_name, "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None, "packages": versions,
+    }
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine to 0 at the last step."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+class _SilentReporter:
+    def epoch_start(self, epoch, epochs, steps): pass
+    def progress(self, steps_done_in_epoch, loss, images_per_s): pass
+    def epoch_end(self, row): pass
+    def phase(self, text): pass
+    def warn(self, text): pass
+
+
+def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | None = None) -> tuple[dict, Any]:
+    """Train one run and write its record. Returns (record, record path).
+
+    `data` may be passed to reuse a dataset already loaded (compare does so across optimizers); it is
+    read, never modified.
+    """
+    reporter = reporter or _SilentReporter()
+    started_at, wall_start = utc_now(), time.perf_counter()
+    config = resolve_runtime(config)
+    device = torch.device(config.device)
+    entry = get_entry(config.optimizer)
+    ensure_writable(config.results_dir)  # fail now, not after hours of training
+    for text in entry.warnings(config.hparams):
+        reporter.warn(text)
+
+    reporter.phase(f"loading {config.dataset}")
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+    data = data.to(device)
+    model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
+    total_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
+    warmup = resolved_warmup_steps(config.warmup_steps, total_steps)
+    built = entry.build(model.parameters(), config.hparams,
+                        BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup))
+    optimizer = built.optimizer
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+                 if entry.external_schedule else None)
+    amp = autocast_for(device, config.precision)
+
+    sample_x = data.normalize(data.train_x[: min(config.batch_size, data.train_x.shape[0])])
+    sample_y = data.train_y[: sample_x.shape[0]]
+    flops_per_image = training_flops_per_image(model, sample_x[:2], sample_y[:2])
+
+    probe = None
+    if config.memory_probe:
+        reporter.phase("measuring memory (probe on a copy)")
+
+        def probe_step(m, opt, hessian):
+            entry.train_mode(opt)
+            training_step(m, opt, entry, sample_x, sample_y, amp, hessian)
+
+        probe = memory_probe(model, optimizer, probe_step, entry.force_hessian_next is not None,
+                             entry.force_hessian_next)
+
+    if config.compile:
+        model = torch.compile(model)
+    reset_cuda_peak(device)
+    reporter.phase("training")
+    result = train(model, optimizer, entry, scheduler, data, epochs=config.epochs, batch_size=config.batch_size,
+                   eval_batch_size=config.eval_batch_size, seed=config.seed, augment=config.augment,
+                   precision=config.precision, log_every=config.log_every, reporter=reporter)
+
+    if device.type == "cuda":
+        peaks = cuda_peaks(device)
+        peak, peak_source, reserved = peaks["allocated"], "torch.cuda.max_memory_allocated (whole training)", \
+            peaks["reserved"]
+    else:
+        peak = probe["peak_bytes"] if probe else None
+        peak_source = probe["source"] if probe else "not measured (memory probe off)"
+        reserved = None
+
+    history = result.history
+    final = history[-1] if history and result.status == "ok" else None
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": f"{config.config_hash}-{started_at}",
+        "config_hash": config.config_hash,
+        "optimizer": config.optimizer,
+        "status": result.status,
+        "status_detail": result.detail,
+        "diverged_at_step": result.diverged_at_step,
+        "final_test_acc": final["test_acc"] if final else None,
+        "final_test_loss": final["test_loss"] if final else None,
+        "final_train_loss": final["train_loss"] if final else None,
+        "train_wall_time_s": result.train_time_s,
+        "eval_wall_time_s": result.eval_time_s,
+        "total_wall_time_s": time.perf_counter() - wall_start,
+        "throughput_images_per_s": result.images_seen / result.train_time_s if result.train_time_s else None,
+        "training_flops_per_image": flops_per_image,
+        "achieved_tflops": (flops_per_image * result.images_seen / result.train_time_s / 1e12
+                            if result.train_time_s else None),
+        "steps": result.steps,
+        "epochs_completed": len(history),
+        "images_seen": result.images_seen,
+        "hessian_updates": result.hessian_updates if entry.force_hessian_next is not None else None,
+        "peak_memory_bytes": peak,
+        "peak_memory_source": peak_source,
+        "peak_memory_reserved_bytes": reserved,
+        "memory_breakdown": probe,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "param_count": param_count(model),
+        "param_bytes": sum(p.nbytes for p in model.parameters()),
+        "dataset_device_bytes": data.device_bytes,
+        "warmup_steps": warmup,
+        "total_steps_planned": total_steps,
+        "lr_schedule": "warmup+cosine (external)" if entry.external_schedule else "none (built-in warmup)",
+        "optimizer_implementation": built.implementation,
+        "dataset": {"name": data.spec.name, "title": data.spec.title, "train_images": int(data.train_x.shape[0]),
+                    "test_images": int(data.test_x.shape[0]), "num_classes": data.spec.num_classes,
+                    "image_size": data.spec.image_size},
+        "history": history,
+        "config": config.to_dict(),
+        "environment": environment(device),
+        "started_at": started_at,
+        "finished_at": utc_now(),
+    }
+    path = write_record(config.results_dir, record)
+    return record, path

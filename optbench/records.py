@@ -1,0 +1,128 @@
+"""Run records: the one contract between training and analysis.
+
+One JSON file per run. Written to a temporary file in the same directory and then hard-linked to its
+final name, which fails rather than replaces if that name exists: a record is never overwritten. Loading
+never raises for one bad file: unreadable records are reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from optbench.errors import RecordError
+
+SCHEMA_VERSION = 1
+REQUIRED_FIELDS = ("optimizer", "status", "config", "config_hash")
+STATUSES = ("ok", "diverged", "interrupted", "oom", "failed")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def record_filename(record: dict[str, Any]) -> str:
+    cfg = record["config"]
+    stamp = record.get("started_at", utc_now()).replace(":", "").replace("-", "")
+    return f"{cfg['dataset']}-{record['optimizer']}-seed{cfg['seed']}-{record['config_hash']}-{stamp}.json"
+
+
+def ensure_writable(results_dir: str | Path) -> Path:
+    """Create the results directory and prove a file can be written there, before any training."""
+    path = Path(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True) as handle:
+            handle.write(b"ok")
+            handle.flush()
+    except OSError as exc:
+        raise RecordError(f"cannot write to results directory {path} ({exc.strerror or exc}): "
+                          "choose another with --results-dir or fix its permissions") from None
+    return path
+
+
+def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write `record` atomically under a new name; returns its path. Never replaces an existing file."""
+    directory = ensure_writable(results_dir)
+    base = record_filename(record)
+    text = json.dumps(record, indent=2, sort_keys=False, allow_nan=False, default=str)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for attempt in range(1000):
+            name = base if attempt == 0 else base.replace(".json", f"-{attempt}.json")
+            target = directory / name
+            try:
+                os.link(tmp, target)  # atomic, and refuses to replace an existing record
+                return target
+            except FileExistsError:
+                continue
+        raise RecordError(f"could not find a free record name for {base} in {directory}")
+    except OSError as exc:
+        raise RecordError(f"could not write run record in {directory} ({exc.strerror or exc})") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+@dataclass
+class LoadedRecords:
+    records: list[dict[str, Any]]
+    problems: list[str]  # one line per file that could not be used
+
+
+def _check(record: Any, path: Path) -> str | None:
+    if not isinstance(record, dict):
+        return f"{path.name}: not a run record (top level is not an object)"
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    if missing:
+        return f"{path.name}: not a run record (missing {', '.join(missing)})"
+    if record["status"] not in STATUSES:
+        return f"{path.name}: unknown status {record['status']!r}"
+    if not isinstance(record.get("config"), dict):
+        return f"{path.name}: config is not an object"
+    acc = record.get("final_test_acc")
+    if acc is not None and not (isinstance(acc, (int, float)) and 0.0 <= acc <= 1.0):
+        return f"{path.name}: final_test_acc {acc!r} is not a fraction in [0, 1]"
+    return None
+
+
+def load_records(results_dir: str | Path) -> LoadedRecords:
+    directory = Path(results_dir)
+    if not directory.is_dir():
+        raise RecordError(f"results directory {directory} does not exist: run `optbench compare` first "
+                          "or pass the folder that holds the run records")
+    records, problems = [], []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problems.append(f"{path.name}: unreadable ({exc.__class__.__name__}); skipped")
+            continue
+        problem = _check(record, path)
+        if problem:
+            problems.append(problem + "; skipped")
+            continue
+        record["_path"] = str(path)
+        records.append(record)
+    return LoadedRecords(records, problems)
+
+
+def find_finished(results_dir: str | Path, config_hash: str) -> dict[str, Any] | None:
+    """The newest record of a completed (ok or diverged) run with this config, if any."""
+    directory = Path(results_dir)
+    if not directory.is_dir():
+        return None
+    matches = [r for r in load_records(directory).records
+               if r["config_hash"] == config_hash and r["status"] in ("ok", "diverged")]
+    return max(matches, key=lambda r: r.get("finished_at", ""), default=None)

@@ -1,0 +1,160 @@
+"""The training loop: matched epochs, synchronised timing, evaluation booked apart, divergence caught.
+
+One step is forward, loss, backward, `optimizer.step()`, schedule, `zero_grad(set_to_none=True)`.
+What differs between optimizers comes from their registry entry (Sophia's Hessian steps,
+Schedule-Free's train/eval modes); the loop itself names no optimizer.
+
+The loop never reads a number back from the device per step: the running loss and the first
+non-finite step are kept on the device and read every `log_every` steps and at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from optbench.data import ImageData, train_batches
+from optbench.measure import Stopwatch
+from optbench.optimizers import OptimizerEntry
+
+
+class Reporter(Protocol):
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def progress(self, steps_done_in_epoch: int, loss: float, images_per_s: float) -> None: ...
+    def epoch_end(self, row: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    status: str = "ok"  # ok | diverged | interrupted | oom
+    detail: str = ""
+    diverged_at_step: int | None = None
+    steps: int = 0
+    images_seen: int = 0
+    hessian_updates: int = 0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: OptimizerEntry,
+                  x: torch.Tensor, y: torch.Tensor, amp, hessian: bool) -> torch.Tensor:
+    """One optimizer step; returns the detached loss. `hessian`: this step feeds a Hessian estimate."""
+    # Double backward through attention needs the math kernel; plain steps keep the fused one.
+    with amp, (sdpa_kernel(SDPBackend.MATH) if hessian else nullcontext()):
+        loss = F.cross_entropy(model(x), y)
+    with warnings.catch_warnings():
+        # create_graph=True warns about a param<->grad reference cycle; zero_grad(set_to_none) breaks it.
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        loss.backward(create_graph=hessian)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, data: ImageData, batch_size: int, amp) -> tuple[float, float]:
+    """Mean test loss and accuracy (a fraction in [0, 1]) over the whole test split."""
+    model.eval()
+    loss_sum = torch.zeros((), device=data.test_x.device)
+    correct = torch.zeros((), device=data.test_x.device, dtype=torch.int64)
+    for start in range(0, data.test_x.shape[0], batch_size):
+        x = data.normalize(data.test_x[start:start + batch_size])
+        y = data.test_y[start:start + batch_size]
+        with amp:
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(dim=1) == y).sum()
+    n = data.test_x.shape[0]
+    return loss_sum.item() / n, correct.item() / n
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: OptimizerEntry,
+          scheduler: torch.optim.lr_scheduler.LRScheduler | None, data: ImageData, *, epochs: int,
+          batch_size: int, eval_batch_size: int, seed: int, augment: bool, precision: str, log_every: int,
+          reporter: Reporter) -> TrainResult:
+    device = data.train_x.device
+    amp = autocast_for(device, precision)
+    result = TrainResult()
+    train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
+    steps_dev = torch.zeros((), dtype=torch.int64, device=device)  # the step counter, on the device
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    n_train = data.train_x.shape[0]
+    steps_per_epoch = -(-n_train // batch_size)
+
+    try:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            entry.train_mode(optimizer)
+            reporter.epoch_start(epoch, epochs, steps_per_epoch)
+            loss_sum = torch.zeros((), device=device)
+            epoch_steps, epoch_images = 0, 0
+            train_clock.start()
+            for x, y in train_batches(data, batch_size, seed, epoch, augment):
+                hessian = entry.hessian_due(optimizer)
+                loss = training_step(model, optimizer, entry, x, y, amp, hessian)
+                if scheduler is not None:
+                    scheduler.step()
+                steps_dev += 1
+                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), steps_dev, first_bad_step)
+                loss_sum += loss
+                epoch_steps += 1
+                result.steps += 1
+                result.hessian_updates += int(hessian)
+                result.images_seen += y.shape[0]
+                epoch_images += y.shape[0]
+                if epoch_steps % log_every == 0 or epoch_steps == steps_per_epoch:
+                    bad = int(first_bad_step.item())  # the only device read: every log_every steps
+                    if bad >= 0:
+                        result.status, result.diverged_at_step = "diverged", bad
+                        result.detail = f"non-finite loss at step {bad}"
+                        break
+                    elapsed = train_clock.peek()
+                    reporter.progress(epoch_steps, loss_sum.item() / epoch_steps,
+                                      epoch_images / elapsed if elapsed > 0 else float("nan"))
+            train_clock.stop()
+            if result.status == "diverged":
+                break
+            with eval_clock.running():
+                entry.eval_mode(optimizer)  # Schedule-Free: evaluate the averaged weights x, not y
+                test_loss, test_acc = evaluate(model, data, eval_batch_size, amp)
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum.item() / epoch_steps,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "train_time_s": train_clock.total,
+                "steps": result.steps,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if not math.isfinite(test_loss):
+                result.status, result.diverged_at_step = "diverged", result.steps
+                result.detail = f"non-finite test loss after epoch {epoch}"
+                result.history.append(row)
+                break
+            result.history.append(row)
+            reporter.epoch_end(row)
+    except KeyboardInterrupt:
+        result.status, result.detail = "interrupted", f"interrupted after {result.steps} steps"
+    except torch.OutOfMemoryError as exc:
+        result.status = "oom"
+        result.detail = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
+    finally:
+        if train_clock.running_now:
+            train_clock.stop()
+        result.train_time_s, result.eval_time_s = train_clock.total, eval_clock.total
+    entry.eval_mode(optimizer)  # leave the model holding the weights that were evaluated
+    return result
