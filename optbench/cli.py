@@ -20,6 +20,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 EXIT_RUN_FAILED, EXIT_CRITERIA, EXIT_INTERRUPTED = 3, 4, 130
 
 
+@app.callback()
+def _root() -> None:
+    """Benchmark AdamW, Lion, Sophia and Schedule-Free on ViT-Tiny, honestly measured."""
+
+
 def fail(message: str, code: int = 1) -> None:
     from optbench.console import console
 

@@ -74,7 +74,7 @@ def run_summary(record: dict[str, Any], path: Any) -> str:
         f"  training wall-time {record['train_wall_time_s']:.1f}s (evaluation {record['eval_wall_time_s']:.1f}s, "
         f"total {record['total_wall_time_s']:.1f}s), {record['steps']} steps, "
         f"{(record['throughput_images_per_s'] or 0):,.0f} images/s",
-        f"  peak memory {mib(record['peak_memory_bytes'])} [{record['peak_memory_source']}]",
+        f"  peak memory {mib(record['peak_memory_bytes'])} ({record['peak_memory_source']})",
         f"  optimizer state {mib(record['optimizer_state_bytes'])} for {record['param_count']:,} parameters",
     ]
     if record.get("hessian_updates") is not None:

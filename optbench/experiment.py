@@ -109,8 +109,8 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
     total_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
     warmup = resolved_warmup_steps(config.warmup_steps, total_steps)
-    built = entry.build(model.parameters(), config.hparams,
-                        BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup))
+    context = BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup)
+    built = entry.build(model.parameters(), config.hparams, context)
     optimizer = built.optimizer
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
                  if entry.external_schedule else None)
@@ -124,12 +124,12 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     if config.memory_probe:
         reporter.phase("measuring memory (probe on a copy)")
 
-        def probe_step(m, opt, hessian):
+        def probe_step(m, opt):
             entry.train_mode(opt)
-            training_step(m, opt, entry, sample_x, sample_y, amp, hessian)
+            training_step(m, opt, entry, sample_x, sample_y, amp, entry.hessian_due(opt))
 
-        probe = memory_probe(model, optimizer, probe_step, entry.force_hessian_next is not None,
-                             entry.force_hessian_next)
+        probe = memory_probe(model, lambda m: entry.build(m.parameters(), config.hparams, context).optimizer,
+                             probe_step, entry.force_hessian_next)
 
     if config.compile:
         model = torch.compile(model)

@@ -104,25 +104,28 @@ def _tracked_step(model, optimizer, step_fn: Callable[[], None]) -> dict[str, in
     return out
 
 
-def memory_probe(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 train_step: Callable[[torch.nn.Module, torch.optim.Optimizer, bool], None],
-                 has_hessian_steps: bool, force_hessian: Callable[[torch.optim.Optimizer], None] | None
-                 ) -> dict[str, Any]:
-    """Peak tensor memory of a training step, broken down, measured on a deep copy under MemTracker.
+def memory_probe(model: torch.nn.Module,
+                 build_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+                 train_step: Callable[[torch.nn.Module, torch.optim.Optimizer], None],
+                 force_hessian: Callable[[torch.optim.Optimizer], None] | None) -> dict[str, Any]:
+    """Peak tensor memory of a training step, broken down, measured on a copy under MemTracker.
 
-    The first step creates the optimizer state (all four optimizers allocate it lazily), so it is run
-    untracked; the second, a plain step with state present, is tracked. For an optimizer with Hessian
-    steps one more step is forced to be a Hessian step and tracked apart: it sets Sophia's peak.
-    The copy is thrown away, so the real run's weights, state and random streams are untouched.
+    The model is deep-copied and given a fresh optimizer built exactly as the real one (optimizers do
+    not survive deepcopy: torch pickles only their state and groups). The first step creates the
+    optimizer state (all four optimizers allocate it lazily), so it runs untracked; the second, a plain
+    step with state present, is tracked. `train_step` decides itself whether a step is a Hessian step,
+    as in training. With `force_hessian` (Sophia) one more step is made a Hessian step and tracked apart: it sets Sophia's peak. The copies are thrown away, so the real run's
+    weights, state and random streams are untouched.
     """
-    probe_model, probe_opt = copy.deepcopy((model, optimizer))
-    train_step(probe_model, probe_opt, False)
-    result: dict[str, Any] = {"source": "torch MemTracker (tensor memory, one training step on a copy)"}
-    result["plain_step"] = _tracked_step(probe_model, probe_opt, lambda: train_step(probe_model, probe_opt, False))
-    if has_hessian_steps and force_hessian is not None:
+    probe_model = copy.deepcopy(model)
+    probe_opt = build_optimizer(probe_model)
+    train_step(probe_model, probe_opt)
+    result: dict[str, Any] = {"source": "torch MemTracker: tensor memory of one training step, on a copy"}
+    result["plain_step"] = _tracked_step(probe_model, probe_opt, lambda: train_step(probe_model, probe_opt))
+    if force_hessian is not None:
         force_hessian(probe_opt)
         result["hessian_step"] = _tracked_step(probe_model, probe_opt,
-                                               lambda: train_step(probe_model, probe_opt, True))
+                                               lambda: train_step(probe_model, probe_opt))
     result["peak_bytes"] = max(v["total"] for k, v in result.items() if k.endswith("_step"))
     del probe_model, probe_opt
     return result
