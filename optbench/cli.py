@@ -8,6 +8,7 @@ memory, 4 a criterion failed under --strict, 130 interrupted.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -94,6 +95,121 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
     if record["status"] != "ok":
         raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _csv_list(text: str, what: str, cast=str) -> list:
+    try:
+        items = [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{what} must be a comma-separated list, e.g. 0,1,2; got '{text}'")
+    if not items:
+        fail(f"{what} must not be empty")
+    return items
+
+
+@app.command()
+def compare(
+    preset: str = typer.Option("smoke", help="workload preset from configs/presets (smoke, cifar10, homework, ...)"),
+    optimizers: str = typer.Option("adamw,lion,sophia,schedulefree", help="comma-separated optimizers"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the preset's)"),
+    dataset: Optional[str] = typer.Option(None, help="override the preset's dataset"),
+    epochs: Optional[int] = typer.Option(None, help="override the preset's epochs (matched for all)"),
+    batch_size: Optional[int] = typer.Option(None, help="override the preset's batch size"),
+    subset: Optional[int] = typer.Option(None, help="train on a fixed class-balanced subset of N images"),
+    test_subset: Optional[int] = typer.Option(None, help="evaluate on a fixed class-balanced subset"),
+    depth: Optional[int] = typer.Option(None, help="override the ViT depth"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16"),
+    data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets"),
+    download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
+    results_dir: Optional[str] = typer.Option(None, help="where records and the report go (default results/PRESET)"),
+    rerun: bool = typer.Option(False, "--rerun", help="run again even where a finished record exists"),
+    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
+    strict: bool = typer.Option(False, "--strict", help="exit 4 unless both criteria pass"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Run every optimizer x seed on one workload (reusing finished runs) and report the comparison."""
+    from optbench.compare import plan_runs, run_comparison
+    from optbench.config import preset_seeds
+    from optbench.console import RichReporter, console, show_report
+    from optbench.report import build_report
+
+    names = _csv_list(optimizers, "--optimizers")
+    results = results_dir or f"results/{preset}"
+    try:
+        seed_list = _csv_list(seeds, "--seeds", int) if seeds else preset_seeds(preset)
+        if any(s < 0 for s in seed_list):
+            fail("--seeds must be whole numbers >= 0")
+        if not 0 <= margin < 100:
+            fail("--margin must be in [0, 100) percentage points")
+        configs = plan_runs(preset, names, seed_list, run_overrides(
+            dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
+            depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
+            results_dir=results))
+        records = run_comparison(configs, rerun, lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=quiet),
+                                 lambda text: console.print(text, soft_wrap=True))
+        report = build_report(records, Path(results), margin=margin / 100, expected_optimizers=names)
+    except OptbenchError as exc:
+        fail(str(exc), exc.exit_code)
+    show_report(report)
+    if any(r["status"] == "interrupted" for r in records):
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if strict and not report.all_passed:
+        raise typer.Exit(EXIT_CRITERIA)
+
+
+@app.command()
+def report(
+    results_dir: Path = typer.Argument(..., help="folder of run records (from this or another machine)"),
+    workload: Optional[str] = typer.Option(None, help="workload id, when the folder holds several"),
+    out: Optional[Path] = typer.Option(None, help="where to write tables and figures (default RESULTS_DIR)"),
+    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
+    strict: bool = typer.Option(False, "--strict", help="exit 4 unless both criteria pass"),
+) -> None:
+    """Redraw the comparison table, criteria and figures from existing run records, without training."""
+    from optbench.console import console, show_report
+    from optbench.records import load_records
+    from optbench.report import build_report
+
+    try:
+        loaded = load_records(results_dir)
+        for problem in loaded.problems:
+            console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
+        report = build_report(loaded.records, out or results_dir, workload=workload, margin=margin / 100,
+                              problems=loaded.problems)
+    except OptbenchError as exc:
+        fail(str(exc), exc.exit_code)
+    show_report(report)
+    if strict and not report.all_passed:
+        raise typer.Exit(EXIT_CRITERIA)
+
+
+@app.command()
+def toy(
+    function: str = typer.Option("rosenbrock", help="rosenbrock or quadratic (rotated, condition number 100)"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the function's, configs/toy.yaml)"),
+    start: Optional[str] = typer.Option(None, help="start point X,Y, e.g. --start=-1.2,1 (default: the function's)"),
+    seed: Optional[int] = typer.Option(None, help="torch seed; Sophia's Hessian probes are random (default 0)"),
+    out: Path = typer.Option(Path("results/toy"), help="folder for the two PNG figures"),
+) -> None:
+    """Race the optimizers on a 2-D function: paths over its contours, loss per step, and a table."""
+    from rich.console import Console
+
+    from optbench.toy import parse_start, run_notes, run_toy, summary_table
+    from optbench.toy_plots import save_toy_plots
+
+    try:
+        result = run_toy(function, steps=steps, start=None if start is None else parse_start(start), seed=seed)
+        files = save_toy_plots(result, out)
+    except OptbenchError as exc:
+        fail(str(exc), exc.exit_code)
+    except OSError as exc:
+        fail(f"cannot write the figures to {out}: {exc.strerror or exc}")
+    stdout = Console(highlight=False)
+    for line in run_notes(result):
+        stdout.print(line, soft_wrap=True)
+    stdout.print(summary_table(result))
+    stdout.print("written: " + ", ".join(str(p) for p in files), soft_wrap=True)
 
 
 def main() -> None:

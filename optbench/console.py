@@ -81,3 +81,36 @@ def run_summary(record: dict[str, Any], path: Any) -> str:
         lines.append(f"  Hessian estimates: {record['hessian_updates']} in {record['steps']} steps")
     lines.append(f"  record: {path}")
     return "\n".join(lines)
+
+
+def show_report(report: Any) -> None:
+    """Print a comparison report (optbench.report.Report) to stdout."""
+    from rich.console import Console
+
+    from optbench.render import rich_table, ttt_display, verdict_text
+
+    out = Console(highlight=False)
+    if not out.is_terminal:  # logs and pipes: wide enough that the table never folds
+        out = Console(highlight=False, width=170)
+    out.print(rich_table(report.display, report.title))
+    for source in report.sources:
+        out.print(f"[dim]peak memory source: {source}[/dim]")
+    out.print()
+    for verdict in report.verdicts:
+        lines = verdict_text(verdict)
+        color = {True: "green", False: "red", None: "yellow"}[verdict.passed]
+        out.print(f"[{color}]{lines[0]}[/{color}]", soft_wrap=True)
+        for line in lines[1:]:
+            out.print(line, soft_wrap=True)
+    if not report.time_to_target.empty:
+        out.print()
+        out.print(rich_table(ttt_display(report.time_to_target), "Time to AdamW's final accuracy"))
+    if report.notes:
+        out.print()
+        out.print("[bold]Missing or failed:[/bold]" if any(": no record" in n or "diverged" in n for n in report.notes)
+                  else "[bold]Notes:[/bold]")
+        for note in report.notes:
+            out.print(f"  - {note}", soft_wrap=True)
+    if report.files:
+        out.print()
+        out.print("written: " + ", ".join(str(p) for p in report.files), soft_wrap=True)

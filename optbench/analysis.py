@@ -1,0 +1,365 @@
+"""Analysis of run records: the comparison table, the course's criteria, time-to-target.
+
+Pure functions over record dicts (as loaded by `records.load_records`): no training, no torch, so they
+are tested with hand-written records. Every figure here is recomputable by hand from the JSON files;
+the docstrings say how.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from statistics import mean, stdev
+from typing import Any
+
+import pandas as pd
+
+from optbench.errors import OptbenchError
+
+BASELINE = "adamw"
+MODERN = ("lion", "sophia", "schedulefree")
+MEMORY_TARGET = 0.30  # the course: "Lion must save >= 30% VRAM vs AdamW"
+DEFAULT_MARGIN = 0.01  # accuracy non-inferiority margin, as a fraction (1 percentage point)
+# Settings that define a workload: runs that differ in any of them are never compared in one table.
+WORKLOAD_KEYS = ("dataset", "model", "patch_size", "depth", "epochs", "batch_size", "subset", "test_subset",
+                 "augment", "warmup_steps", "device", "precision", "compile")
+
+
+class AnalysisError(OptbenchError):
+    """Records that cannot be analysed together."""
+
+
+def workload_of(record: dict[str, Any]) -> dict[str, Any]:
+    cfg = record.get("config", {})
+    return {k: cfg.get(k) for k in WORKLOAD_KEYS}
+
+
+def workload_id(workload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(workload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def workload_label(workload: dict[str, Any]) -> str:
+    parts = [f"{workload['dataset']}", f"{workload['model']}"]
+    if workload.get("depth"):
+        parts.append(f"depth {workload['depth']}")
+    parts.append(f"{workload['epochs']} epochs, batch {workload['batch_size']}")
+    if workload.get("subset"):
+        parts.append(f"subset {workload['subset']}")
+    parts.append(f"{workload['device']}/{workload['precision']}")
+    return ", ".join(str(p) for p in parts)
+
+
+@dataclass
+class Selection:
+    records: list[dict[str, Any]]
+    workload: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def select_workload(records: list[dict[str, Any]], workload: str | None = None) -> Selection:
+    """The records of one workload, newest record per (optimizer, seed, config).
+
+    Refuses to mix workloads: if the records span several and `workload` (an id) does not pick one, an
+    AnalysisError lists them. Two hyperparameter settings of one optimizer in one workload are refused
+    too: which one is "Lion" would be a guess.
+    """
+    if not records:
+        raise AnalysisError("no run records to analyse: run `optbench compare` first")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    labels: dict[str, str] = {}
+    for rec in records:
+        wl = workload_of(rec)
+        key = workload_id(wl)
+        groups.setdefault(key, []).append(rec)
+        labels[key] = workload_label(wl)
+    if workload is not None:
+        if workload not in groups:
+            raise AnalysisError(f"no records of workload {workload}; found: "
+                                + "; ".join(f"{k} ({labels[k]})" for k in groups))
+        chosen = workload
+    elif len(groups) == 1:
+        chosen = next(iter(groups))
+    else:
+        listing = "; ".join(f"{k} = {labels[k]} ({len(v)} records)" for k, v in groups.items())
+        raise AnalysisError(f"records of {len(groups)} different workloads cannot share one table ({listing}): "
+                            "pick one with --workload ID or keep each workload in its own results directory")
+    notes = []
+    newest: dict[tuple, dict[str, Any]] = {}
+    for rec in groups[chosen]:
+        key = (rec["optimizer"], rec["config"].get("seed"), rec["config_hash"])
+        if key in newest:
+            notes.append(f"{rec['optimizer']} seed {key[1]}: several records of the same run; the newest is used")
+        if key not in newest or rec.get("finished_at", "") > newest[key].get("finished_at", ""):
+            newest[key] = rec
+    settings: dict[str, set[str]] = {}
+    for rec in newest.values():
+        hp = json.dumps(rec["config"].get("hparams", {}), sort_keys=True, default=str)
+        settings.setdefault(rec["optimizer"], set()).add(hp)
+    mixed = [opt for opt, hps in settings.items() if len(hps) > 1]
+    if mixed:
+        raise AnalysisError(f"{', '.join(mixed)}: runs with different hyperparameters in one workload; keep each "
+                            "setting in its own results directory")
+    return Selection(list(newest.values()), workload_of(groups[chosen][0]), sorted(set(notes)))
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+
+def _finite(values: list[Any]) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = _finite(values)
+    return mean(vals) if vals else None
+
+
+def _std(values: list[Any]) -> float | None:
+    vals = _finite(values)
+    return stdev(vals) if len(vals) >= 2 else None
+
+
+def optimizer_order(names: list[str]) -> list[str]:
+    known = [n for n in (BASELINE, *MODERN) if n in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per optimizer. Means over the seeds whose run finished (status ok); std with >= 2 seeds.
+
+    Columns: runs, ok, diverged, failed (oom/interrupted), acc_mean/acc_std (fraction), time_mean/std
+    (training wall-time, s), peak_mean (bytes), peak_source, state_bytes, throughput (images/s), and
+    relative to AdamW: acc_diff (fraction points), time_ratio, peak_saving, state_saving (1 - x/AdamW).
+    """
+    rows = []
+    by_opt: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        by_opt.setdefault(rec["optimizer"], []).append(rec)
+    for opt in optimizer_order(list(by_opt)):
+        runs = by_opt[opt]
+        ok = [r for r in runs if r["status"] == "ok"]
+        sources = sorted({r.get("peak_memory_source") or "unknown" for r in ok})
+        rows.append({
+            "optimizer": opt,
+            "runs": len(runs),
+            "ok": len(ok),
+            "diverged": sum(r["status"] == "diverged" for r in runs),
+            "failed": sum(r["status"] in ("oom", "interrupted", "failed") for r in runs),
+            "acc_mean": _mean([r.get("final_test_acc") for r in ok]),
+            "acc_std": _std([r.get("final_test_acc") for r in ok]),
+            "time_mean": _mean([r.get("train_wall_time_s") for r in ok]),
+            "time_std": _std([r.get("train_wall_time_s") for r in ok]),
+            "peak_mean": _mean([r.get("peak_memory_bytes") for r in ok]),
+            "peak_source": "; ".join(sources) if ok else None,
+            "state_bytes": _mean([r.get("optimizer_state_bytes") for r in ok]),
+            "throughput": _mean([r.get("throughput_images_per_s") for r in ok]),
+            "seeds": sorted({r["config"].get("seed") for r in runs}),
+        })
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    base = df[df.optimizer == BASELINE]
+    base_row = base.iloc[0] if len(base) else None
+
+    def rel(col: str, fn):
+        if base_row is None or base_row[col] is None or pd.isna(base_row[col]):
+            return [None] * len(df)
+        return [fn(v, base_row[col]) if v is not None and not pd.isna(v) else None for v in df[col]]
+
+    df["acc_diff"] = rel("acc_mean", lambda v, b: v - b)
+    df["time_ratio"] = rel("time_mean", lambda v, b: v / b if b else None)
+    df["peak_saving"] = rel("peak_mean", lambda v, b: 1 - v / b if b else None)
+    df["state_saving"] = rel("state_bytes", lambda v, b: 1 - v / b if b else None)
+    return df
+
+
+# --- criteria --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    name: str
+    passed: bool | None  # None: cannot be decided from these records
+    summary: str
+    details: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def _ok(records: list[dict[str, Any]], optimizer: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["optimizer"] == optimizer and r["status"] == "ok"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:,.1f} MiB"
+
+
+def memory_criterion(records: list[dict[str, Any]]) -> Verdict:
+    """Lion's saving of peak memory vs AdamW (the course's wording), beside its optimizer-state saving.
+
+    saving = 1 - mean(Lion peak_memory_bytes) / mean(AdamW peak_memory_bytes) over finished runs.
+    When it falls short, the reason comes from the measured breakdown (memory_breakdown.plain_step of
+    the AdamW runs): the share of the peak that optimizer state can touch at all, and the ceiling
+    (state_AdamW - state_Lion) / (params + grads + state_AdamW) that holds even with no activations.
+    """
+    name = "Lion saves >= 30% peak memory vs AdamW"
+    adamw, lion = _ok(records, BASELINE), _ok(records, "lion")
+    missing = [n for n, runs in ((BASELINE, adamw), ("lion", lion)) if not runs]
+    if missing:
+        return Verdict(name, None, f"cannot be checked: no finished {' or '.join(missing)} run")
+    peak_a, peak_l = _mean([r.get("peak_memory_bytes") for r in adamw]), _mean([r.get("peak_memory_bytes") for r in lion])
+    state_a = _mean([r.get("optimizer_state_bytes") for r in adamw])
+    state_l = _mean([r.get("optimizer_state_bytes") for r in lion])
+    if not peak_a or peak_l is None:
+        return Verdict(name, None, "cannot be checked: peak memory was not measured")
+    sources = {r.get("peak_memory_source") for r in adamw + lion}
+    saving = 1 - peak_l / peak_a
+    state_saving = 1 - state_l / state_a if state_a else None
+    figures = {"adamw_peak_bytes": peak_a, "lion_peak_bytes": peak_l, "peak_saving": saving,
+               "adamw_state_bytes": state_a, "lion_state_bytes": state_l, "state_saving": state_saving,
+               "peak_sources": sorted(s for s in sources if s)}
+    passed = saving >= MEMORY_TARGET
+    summary = (f"peak {_mib(peak_l)} vs {_mib(peak_a)}: Lion saves {_pct(saving)} of peak memory "
+               f"({'meets' if passed else 'misses'} the 30% target)")
+    details = []
+    if state_saving is not None:
+        details.append(f"optimizer state {_mib(state_l)} vs {_mib(state_a)}: Lion saves {_pct(state_saving)} "
+                       "of optimizer-state memory (the course's '50%')")
+    if len(sources) > 1:
+        details.append("warning: the peaks come from different measurement sources: " + "; ".join(sorted(map(str, sources))))
+    if not passed:
+        details.extend(_explain_memory_shortfall(adamw, state_a, state_l, peak_a))
+    return Verdict(name, passed, summary, details, figures)
+
+
+def _explain_memory_shortfall(adamw: list[dict[str, Any]], state_a: float, state_l: float, peak_a: float) -> list[str]:
+    parts = [r["memory_breakdown"]["plain_step"] for r in adamw
+             if isinstance(r.get("memory_breakdown"), dict) and isinstance(r["memory_breakdown"].get("plain_step"), dict)]
+    out = []
+    param_bytes = _mean([r.get("param_bytes") for r in adamw])
+    if param_bytes:
+        # During step() weights, gradients and the full state are alive together; activations add on top.
+        floor_a = 2 * param_bytes + state_a
+        ceiling = (state_a - state_l) / floor_a
+        out.append(f"why: even with no activations at all, weights + gradients + state are {_mib(floor_a)} for AdamW, "
+                   f"so removing {_mib(state_a - state_l)} of state can save at most {_pct(ceiling)} "
+                   "(the measured ceiling for this model and precision)")
+    if parts:
+        act = _mean([p.get("activations") for p in parts]) or 0.0
+        total = _mean([p.get("total") for p in parts]) or 0.0
+        opt = _mean([p.get("optimizer_state") for p in parts]) or 0.0
+        if total:
+            out.append(f"measured breakdown of AdamW's step peak ({_mib(total)}): activations {_pct(act / total)}, "
+                       f"optimizer state {_pct(opt / total)}; activations grow with batch size, state does not")
+    dataset = _mean([r.get("dataset_device_bytes") for r in adamw if "cuda" in str(r.get("peak_memory_source"))])
+    if dataset:
+        out.append(f"the CUDA peak also holds the dataset kept on the GPU ({_mib(dataset)}, "
+                   f"{_pct(dataset / peak_a)} of AdamW's peak), the same for every optimizer")
+    if not out:
+        out.append("why: the records carry no memory breakdown to explain it")
+    return out
+
+
+def _t_quantile_95(dof: float) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.95, dof))
+
+
+def accuracy_criterion(records: list[dict[str, Any]], margin: float = DEFAULT_MARGIN) -> Verdict:
+    """Which modern optimizers match or beat AdamW's final accuracy.
+
+    Rule, printed with the verdict: with one finished seed on either side, an optimizer matches when
+    its accuracy >= AdamW's - margin. With >= 2 seeds on both sides, when the one-sided 95% Welch
+    lower confidence bound of mean(modern) - mean(AdamW) is above -margin (non-inferiority).
+    """
+    name = "at least one modern optimizer matches or beats AdamW's accuracy"
+    base = _finite([r.get("final_test_acc") for r in _ok(records, BASELINE)])
+    if not base:
+        return Verdict(name, None, "cannot be checked: no finished AdamW run")
+    rule_single = f"single seed: matches if accuracy >= AdamW's - {100 * margin:.1f} pp"
+    rule_multi = (f"several seeds: matches if the one-sided 95% Welch lower bound of the mean difference "
+                  f"is > -{100 * margin:.1f} pp")
+    details, matched, figures = [], [], {"adamw_acc_mean": mean(base), "margin": margin}
+    checked = 0
+    for opt in MODERN:
+        vals = _finite([r.get("final_test_acc") for r in _ok(records, opt)])
+        if not vals:
+            details.append(f"{opt}: no finished run")
+            continue
+        checked += 1
+        diff = mean(vals) - mean(base)
+        if len(vals) >= 2 and len(base) >= 2:
+            va, vb = stdev(vals) ** 2 / len(vals), stdev(base) ** 2 / len(base)
+            se = math.sqrt(va + vb)
+            if se == 0:
+                lower = diff
+            else:
+                dof = (va + vb) ** 2 / ((va ** 2) / (len(vals) - 1) + (vb ** 2) / (len(base) - 1)) if va + vb else 1
+                lower = diff - _t_quantile_95(dof) * se
+            ok = lower > -margin
+            details.append(f"{opt}: {100 * mean(vals):.2f}% vs {100 * mean(base):.2f}% (n={len(vals)} vs {len(base)}), "
+                           f"difference {100 * diff:+.2f} pp, 95% lower bound {100 * lower:+.2f} pp -> "
+                           f"{'matches' if ok else 'does not match'}")
+            figures[opt] = {"acc_mean": mean(vals), "diff": diff, "lower_bound": lower, "n": len(vals)}
+        else:
+            ok = diff >= -margin
+            details.append(f"{opt}: {100 * mean(vals):.2f}% vs {100 * mean(base):.2f}%, difference {100 * diff:+.2f} pp -> "
+                           f"{'matches' if ok else 'does not match'}")
+            figures[opt] = {"acc_mean": mean(vals), "diff": diff, "n": len(vals)}
+        if ok:
+            matched.append(opt)
+    multi = any(isinstance(v, dict) and "lower_bound" in v for v in figures.values())
+    details.insert(0, "rule: " + (rule_multi if multi else rule_single))
+    if checked == 0:
+        return Verdict(name, None, "cannot be checked: no finished Lion, Sophia or Schedule-Free run", details, figures)
+    figures["matched"] = matched
+    if matched:
+        return Verdict(name, True, f"{', '.join(matched)} match(es) or beat(s) AdamW", details, figures)
+    return Verdict(name, False, "no modern optimizer matches AdamW's accuracy", details, figures)
+
+
+# --- time to target --------------------------------------------------------------------------------
+
+
+def time_to_target(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per optimizer: the first epoch, and training time then, at which test accuracy reached AdamW's
+    mean final accuracy. Per run from its history; reported as the mean over the runs that reached it,
+    with how many did ("never" when none)."""
+    base = _finite([r.get("final_test_acc") for r in _ok(records, BASELINE)])
+    if not base:
+        return pd.DataFrame()
+    target = mean(base)
+    rows = []
+    by_opt: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        if rec["status"] in ("ok", "diverged"):
+            by_opt.setdefault(rec["optimizer"], []).append(rec)
+    for opt in optimizer_order(list(by_opt)):
+        hits = []
+        for rec in by_opt[opt]:
+            for row in rec.get("history") or []:
+                if isinstance(row.get("test_acc"), (int, float)) and row["test_acc"] >= target:
+                    hits.append((row.get("epoch"), row.get("train_time_s")))
+                    break
+        rows.append({"optimizer": opt, "target_acc": target, "runs": len(by_opt[opt]), "reached": len(hits),
+                     "epoch_mean": _mean([h[0] for h in hits]), "time_mean": _mean([h[1] for h in hits])})
+    return pd.DataFrame(rows)
+
+
+def missing_runs(records: list[dict[str, Any]], expected_optimizers: list[str] | None = None) -> list[str]:
+    """Lines naming what the table cannot show: optimizers without a finished run, failed runs."""
+    present = {r["optimizer"] for r in records}
+    expected = expected_optimizers or [BASELINE, *MODERN]
+    out = [f"{opt}: no record" for opt in expected if opt not in present]
+    for rec in records:
+        if rec["status"] != "ok":
+            detail = rec.get("status_detail") or ""
+            out.append(f"{rec['optimizer']} seed {rec['config'].get('seed')}: {rec['status']}"
+                       + (f" ({detail})" if detail else ""))
+    return out

@@ -1,0 +1,48 @@
+"""`compare`: every optimizer x every seed on one workload, reusing runs that already have a record."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from optbench.config import RunConfig, resolve_config
+from optbench.data import ImageData, load_dataset
+from optbench.experiment import resolve_runtime, run_experiment
+from optbench.records import find_finished
+
+
+def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: dict[str, Any]) -> list[RunConfig]:
+    """One resolved config per (optimizer, seed): same workload, each optimizer's own hyperparameters."""
+    return [resolve_runtime(resolve_config(opt, preset, {**overrides, "seed": seed}))
+            for seed in seeds for opt in optimizers]
+
+
+def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callable[[RunConfig], Any],
+                   announce: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run what has no finished record (ok or diverged) yet, or everything with `rerun`.
+
+    A run that was interrupted or ran out of memory has no finished record and is run again, so a
+    killed comparison resumes where it stopped. The dataset is loaded once and shared by all runs.
+    """
+    records = []
+    datasets: dict[tuple, ImageData] = {}
+    for i, config in enumerate(configs, 1):
+        label = f"[{i}/{len(configs)}] {config.optimizer} seed {config.seed}"
+        existing = None if rerun else find_finished(config.results_dir, config.config_hash)
+        if existing is not None:
+            announce(f"{label}: reusing {existing['_path']} ({existing['status']})")
+            records.append(existing)
+            continue
+        key = (config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+        if key not in datasets:
+            datasets[key] = load_dataset(config.dataset, config.data_dir, config.download, config.subset,
+                                         config.test_subset)
+        with make_reporter(config) as reporter:
+            record, path = run_experiment(config, reporter, data=datasets[key])
+        record["_path"] = str(path)
+        announce(f"{label}: {record['status']}, test acc "
+                 + (f"{record['final_test_acc']:.2%}" if record["final_test_acc"] is not None else "-")
+                 + f", {record['train_wall_time_s']:.1f}s -> {path}")
+        records.append(record)
+        if record["status"] == "interrupted":
+            break
+    return records

@@ -1,0 +1,101 @@
+"""Figures from run records (matplotlib, Agg backend): learning curves and the memory breakdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from optbench.analysis import optimizer_order  # noqa: E402
+from optbench.optimizers import title_of  # noqa: E402
+
+COLORS = {"adamw": "#1f77b4", "lion": "#d62728", "sophia": "#2ca02c", "schedulefree": "#9467bd"}
+PARTS = ("params", "grads", "optimizer_state", "activations", "temporaries", "buffers", "other")
+PART_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#999999")
+
+
+def _by_optimizer(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        if rec.get("history") and rec["status"] in ("ok", "diverged"):
+            out.setdefault(rec["optimizer"], []).append(rec)
+    return {k: out[k] for k in optimizer_order(list(out))}
+
+
+def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Test accuracy and train loss per epoch and against training wall-time; seed bands (min-max)."""
+    groups = _by_optimizer(records)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    panels = [("epoch", "test_acc", axes[0, 0]), ("epoch", "train_loss", axes[0, 1]),
+              ("train_time_s", "test_acc", axes[1, 0]), ("train_time_s", "train_loss", axes[1, 1])]
+    for opt, runs in groups.items():
+        color = COLORS.get(opt)
+        length = min(len(r["history"]) for r in runs)
+        for x_key, y_key, ax in panels:
+            xs = np.array([[row[x_key] for row in r["history"][:length]] for r in runs], dtype=float)
+            ys = np.array([[row[y_key] for row in r["history"][:length]] for r in runs], dtype=float)
+            if y_key == "test_acc":
+                ys = ys * 100
+            label = f"{title_of(opt)} (n={len(runs)})" if len(runs) > 1 else title_of(opt)
+            style = "--" if any(r["status"] == "diverged" for r in runs) else "-"
+            ax.plot(xs.mean(0), ys.mean(0), style, color=color, marker="o", markersize=3, label=label)
+            if len(runs) > 1:
+                ax.fill_between(xs.mean(0), ys.min(0), ys.max(0), color=color, alpha=0.2)
+    for x_key, y_key, ax in panels:
+        ax.set_xlabel("epoch" if x_key == "epoch" else "training wall-time (s)")
+        ax.set_ylabel("test accuracy (%)" if y_key == "test_acc" else "train loss")
+        ax.grid(alpha=0.3)
+        if y_key == "train_loss":
+            ax.set_yscale("log")
+    axes[0, 0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Stacked bars of each optimizer's measured step peak, split into what MemTracker attributed.
+
+    Sophia gets two bars: its plain step and its Hessian step (which sets its peak). Where a CUDA
+    allocator peak was measured over the whole training, it is drawn as a black tick on the bar.
+    """
+    bars: list[tuple[str, dict[str, float], float | None]] = []
+    for opt, runs in _by_optimizer(records).items():
+        rec = runs[0]
+        breakdown = rec.get("memory_breakdown") or {}
+        cuda_peak = rec.get("peak_memory_bytes") if "cuda" in str(rec.get("peak_memory_source")) else None
+        for step_key, suffix in (("plain_step", ""), ("hessian_step", " (Hessian step)")):
+            if isinstance(breakdown.get(step_key), dict):
+                bars.append((title_of(opt) + suffix, breakdown[step_key], cuda_peak))
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.6 * len(bars)))
+    y = np.arange(len(bars))
+    left = np.zeros(len(bars))
+    for part, color in zip(PARTS, PART_COLORS):
+        widths = np.array([b[1].get(part, 0) / 2**20 for b in bars])
+        if widths.any():
+            ax.barh(y, widths, left=left, color=color, label=part.replace("_", " "))
+            left += widths
+    for i, (_, _, cuda_peak) in enumerate(bars):
+        if cuda_peak:
+            ax.plot([cuda_peak / 2**20] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2,
+                    label="CUDA allocator peak" if i == 0 else None)
+    ax.set_yticks(y, [b[0] for b in bars])
+    ax.invert_yaxis()
+    ax.set_xlabel("MiB (tensor memory at the step's peak, torch MemTracker)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

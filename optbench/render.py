@@ -1,0 +1,118 @@
+"""Rendering of analysis results: rich tables for the terminal, Markdown and CSV files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.table import Table
+
+from optbench.analysis import Verdict
+from optbench.optimizers import title_of
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _pct(v: Any, spread: Any = None) -> str:
+    if _missing(v):
+        return "-"
+    return f"{100 * v:.2f}%" + ("" if _missing(spread) else f" ± {100 * spread:.2f}")
+
+
+def _signed_pp(v: Any) -> str:
+    return "-" if _missing(v) else f"{100 * v:+.2f} pp"
+
+
+def _seconds(v: Any, spread: Any = None) -> str:
+    if _missing(v):
+        return "-"
+    return f"{v:,.1f} s" + ("" if _missing(spread) else f" ± {spread:,.1f}")
+
+
+def _ratio(v: Any) -> str:
+    return "-" if _missing(v) else f"{v:.2f}x"
+
+
+def _saving(v: Any) -> str:
+    return "-" if _missing(v) else f"{100 * v:+.1f}%"
+
+
+def _mib(v: Any) -> str:
+    return "-" if _missing(v) else f"{v / 2**20:,.1f} MiB"
+
+
+def display_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The summary table as text, column names included: one shape for the terminal and Markdown."""
+    rows = []
+    for _, r in df.iterrows():
+        rows.append({
+            "optimizer": title_of(r.optimizer),
+            "runs ok/div/fail": f"{r.ok}/{r.diverged}/{r.failed}",
+            "test acc": _pct(r.acc_mean, r.acc_std),
+            "vs AdamW": _signed_pp(r.acc_diff),
+            "train time": _seconds(r.time_mean, r.time_std),
+            "time x AdamW": _ratio(r.time_ratio),
+            "peak memory": _mib(r.peak_mean),
+            "peak saving": _saving(r.peak_saving),
+            "optimizer state": _mib(r.state_bytes),
+            "state saving": _saving(r.state_saving),
+            "images/s": "-" if _missing(r.throughput) else f"{r.throughput:,.0f}",
+        })
+    return pd.DataFrame(rows)
+
+
+def ttt_display(ttt: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for _, r in ttt.iterrows():
+        reached = r.reached > 0
+        rows.append({
+            "optimizer": title_of(r.optimizer),
+            "target (AdamW final acc)": _pct(r.target_acc),
+            "reached": f"{r.reached}/{r.runs}",
+            "epoch": f"{r.epoch_mean:.1f}" if reached else "never",
+            "training time": _seconds(r.time_mean) if reached else "never",
+        })
+    return pd.DataFrame(rows)
+
+
+def rich_table(display: pd.DataFrame, title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(display.columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for _, row in display.iterrows():
+        table.add_row(*[str(v) for v in row])
+    return table
+
+
+def verdict_text(verdict: Verdict) -> list[str]:
+    mark = {True: "PASS", False: "FAIL", None: "UNDECIDED"}[verdict.passed]
+    return [f"[{mark}] {verdict.name}: {verdict.summary}"] + [f"    {d}" for d in verdict.details]
+
+
+def markdown_report(title: str, display: pd.DataFrame, sources: list[str], ttt: pd.DataFrame,
+                    verdicts: list[Verdict], notes: list[str]) -> str:
+    parts = [f"# {title}", "", display.to_markdown(index=False), ""]
+    if sources:
+        parts += ["Peak memory source: " + "; ".join(sources), ""]
+    parts += ["## Criteria", ""]
+    for verdict in verdicts:
+        lines = verdict_text(verdict)
+        parts += [f"- **{lines[0]}**"] + [f"  - {line.strip()}" for line in lines[1:]]
+    if not ttt.empty:
+        parts += ["", "## Time to AdamW's final accuracy", "", ttt_display(ttt).to_markdown(index=False)]
+    if notes:
+        parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(parts) + "\n"
+
+
+def write_tables(out_dir: Path, stem: str, df: pd.DataFrame, markdown: str) -> list[Path]:
+    """Write the raw numbers (CSV) and the rendered report (Markdown); returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
+    df.to_csv(csv_path, index=False)
+    md_path.write_text(markdown)
+    return [csv_path, md_path]

@@ -1,0 +1,58 @@
+"""A comparison report from run records alone: table, criteria, time-to-target, files and figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from optbench.analysis import (DEFAULT_MARGIN, Verdict, accuracy_criterion, memory_criterion, missing_runs,
+                               select_workload, summary_table, time_to_target, workload_id, workload_label)
+from optbench.render import display_table, markdown_report, write_tables
+
+
+@dataclass
+class Report:
+    title: str
+    workload_id: str
+    table: pd.DataFrame  # raw numbers, one row per optimizer
+    display: pd.DataFrame  # the same, formatted
+    time_to_target: pd.DataFrame
+    verdicts: list[Verdict]
+    sources: list[str]
+    notes: list[str]
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def all_passed(self) -> bool:
+        return all(v.passed is True for v in self.verdicts)
+
+
+def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: str | None = None,
+                 margin: float = DEFAULT_MARGIN, expected_optimizers: list[str] | None = None,
+                 problems: list[str] | None = None, plots: bool = True) -> Report:
+    """Analyse one workload's records; with `out_dir`, also write CSV, Markdown and PNG files there."""
+    selection = select_workload(records, workload)
+    wid = workload_id(selection.workload)
+    title = f"optbench comparison: {workload_label(selection.workload)}"
+    table = summary_table(selection.records)
+    ttt = time_to_target(selection.records)
+    verdicts = [memory_criterion(selection.records), accuracy_criterion(selection.records, margin)]
+    sources = sorted({str(s) for s in table.get("peak_source", pd.Series(dtype=object)).dropna()})
+    notes = list(problems or []) + selection.notes + missing_runs(selection.records, expected_optimizers)
+    display = display_table(table)
+    report = Report(title, wid, table, display, ttt, verdicts, sources, notes)
+    if out_dir is not None:
+        stem = f"comparison-{wid}"
+        report.files += write_tables(out_dir, stem, table, markdown_report(title, display, sources, ttt, verdicts,
+                                                                           notes))
+        if plots:
+            from optbench.plots import learning_curves, memory_chart
+
+            for path in (learning_curves(selection.records, out_dir / f"{stem}-curves.png", title),
+                         memory_chart(selection.records, out_dir / f"{stem}-memory.png", title)):
+                if path is not None:
+                    report.files.append(path)
+    return report
