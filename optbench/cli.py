@@ -69,6 +69,7 @@ def run(
     data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets (default ./data)"),
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
     results_dir: Optional[str] = typer.Option(None, help="where run records go (default ./results)"),
+    resume: bool = typer.Option(False, "--resume", help="continue this run from its checkpoint, if it has one"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output (warnings and errors only)"),
 ) -> None:
     """Train ViT-Tiny with one optimizer and write a run record."""
@@ -87,7 +88,7 @@ def run(
             test_subset=test_subset, depth=depth, device=device, precision=precision, compile=compile,
             data_dir=data_dir, download=download, results_dir=results_dir), hparams)
         with RichReporter(optimizer, quiet=quiet) as reporter:
-            record, path = run_experiment(config, reporter)
+            record, path = run_experiment(config, reporter, resume=resume)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     console.print(run_summary(record, path))

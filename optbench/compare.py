@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from optbench.config import RunConfig, resolve_config
 from optbench.data import ImageData, load_dataset
-from optbench.experiment import resolve_runtime, run_experiment
+from optbench.experiment import RunBusy, resolve_runtime, run_experiment
 from optbench.records import find_finished
 
 
@@ -20,8 +20,9 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
                    announce: Callable[[str], None]) -> list[dict[str, Any]]:
     """Run what has no finished record (ok or diverged) yet, or everything with `rerun`.
 
-    A run that was interrupted or ran out of memory has no finished record and is run again, so a
-    killed comparison resumes where it stopped. The dataset is loaded once and shared by all runs.
+    A run that was interrupted or killed has no finished record: it continues from its checkpoint, so
+    a killed comparison resumes where it stopped; an out-of-memory run is tried again. A run another
+    live process holds is skipped. The dataset is loaded once and shared by all runs.
     """
     records = []
     datasets: dict[tuple, ImageData] = {}
@@ -36,8 +37,12 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
         if key not in datasets:
             datasets[key] = load_dataset(config.dataset, config.data_dir, config.download, config.subset,
                                          config.test_subset)
-        with make_reporter(config) as reporter:
-            record, path = run_experiment(config, reporter, data=datasets[key])
+        try:
+            with make_reporter(config) as reporter:
+                record, path = run_experiment(config, reporter, data=datasets[key], resume=True)
+        except RunBusy as exc:
+            announce(f"{label}: skipped, {exc}")
+            continue
         record["_path"] = str(path)
         announce(f"{label}: {record['status']}, test acc "
                  + (f"{record['final_test_acc']:.2%}" if record["final_test_acc"] is not None else "-")

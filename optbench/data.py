@@ -230,13 +230,13 @@ def crop_flip(images: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor
     return out.permute(0, 3, 1, 2)
 
 
-def train_batches(data: ImageData, batch_size: int, seed: int, epoch: int, augment: bool
+def train_batches(data: ImageData, batch_size: int, seed: int, epoch: int, augment: bool, start_step: int = 0
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised float batches for one epoch. The last batch may be smaller."""
+    """Normalised float batches for one epoch, from batch `start_step` on (resume). The last may be smaller."""
     n = data.train_x.shape[0]
     padding = data.spec.crop_padding if augment else 0
     plan = epoch_plan(n, seed, epoch, padding, data.spec.flip and augment, data.train_x.device)
-    for start in range(0, n, batch_size):
+    for start in range(start_step * batch_size, n, batch_size):
         idx = plan.order[start:start + batch_size]
         images = data.train_x[idx]
         if augment and (padding or data.spec.flip):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import platform
 import sys
 import time
+from dataclasses import asdict
 from importlib import metadata
 from typing import Any, Callable
 
@@ -13,14 +15,17 @@ import torch
 
 from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
+from optbench.checkpoints import (acquire_run_lock, capture_rng, checkpoint_path, load_checkpoint, restore_rng,
+                                  save_checkpoint)
 from optbench.data import ImageData, load_dataset, steps_per_epoch
-from optbench.errors import DeviceError
+from optbench.errors import ConfigError, DeviceError, OptbenchError
+from optbench.interrupt import StopOnSignal
 from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
                               training_flops_per_image)
 from optbench.models import build_model, param_count
 from optbench.optimizers import BuildContext, get_entry
 from optbench.records import SCHEMA_VERSION, ensure_writable, utc_now, write_record
-from optbench.train import Reporter, autocast_for, train, training_step
+from optbench.train import TrainResult, autocast_for, train, training_step
 
 PACKAGES = ("torch", "torchvision", "timm", "schedulefree", "lion-pytorch", "pytorch-optimizer", "numpy",
             "scikit-learn")
@@ -87,11 +92,34 @@ class _SilentReporter:
     def warn(self, text): pass
 
 
-def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | None = None) -> tuple[dict, Any]:
+class RunBusy(OptbenchError):
+    """Another live process is running this exact run in this results directory."""
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's parameters and buffers in state_dict order: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _build_optimizer(entry, params, hparams, context):
+    try:
+        return entry.build(params, hparams, context)
+    except (ValueError, TypeError, NotImplementedError, AssertionError) as exc:
+        # The library rejected a hyperparameter that passed our checks: say which, in one line.
+        raise ConfigError(f"{entry.name} rejected its hyperparameters {hparams}: {exc}") from None
+
+
+def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | None = None,
+                   resume: bool = False) -> tuple[dict, Any]:
     """Train one run and write its record. Returns (record, record path).
 
-    `data` may be passed to reuse a dataset already loaded (compare does so across optimizers); it is
-    read, never modified.
+    `resume`: continue from this run's checkpoint if there is one (compare always does). `data` may be
+    passed to reuse a dataset already loaded; it is read, never modified. Raises RunBusy if another
+    process holds this run.
     """
     reporter = reporter or _SilentReporter()
     started_at, wall_start = utc_now(), time.perf_counter()
@@ -99,8 +127,22 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     device = torch.device(config.device)
     entry = get_entry(config.optimizer)
     ensure_writable(config.results_dir)  # fail now, not after hours of training
+    lock = acquire_run_lock(config.results_dir, config.config_hash)
+    if lock is None:
+        raise RunBusy(f"{config.optimizer} seed {config.seed} ({config.config_hash}) is being run by another "
+                      f"process in {config.results_dir}: wait for it or use another --results-dir")
+    with lock:
+        return _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start)
+
+
+def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start):
     for text in entry.warnings(config.hparams):
         reporter.warn(text)
+    ckpt_path = checkpoint_path(config.results_dir, config.config_hash)
+    saved = load_checkpoint(ckpt_path, config.config_hash) if resume and ckpt_path.exists() else None
+    if ckpt_path.exists() and not resume:
+        reporter.warn(f"a checkpoint of this run exists ({ckpt_path}); starting afresh replaces it at the first "
+                      "epoch's end: pass --resume to continue it instead")
 
     reporter.phase(f"loading {config.dataset}")
     if data is None:
@@ -110,7 +152,7 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     total_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
     warmup = resolved_warmup_steps(config.warmup_steps, total_steps)
     context = BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup)
-    built = entry.build(model.parameters(), config.hparams, context)
+    built = _build_optimizer(entry, model.parameters(), config.hparams, context)
     optimizer = built.optimizer
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
                  if entry.external_schedule else None)
@@ -120,25 +162,48 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     sample_y = data.train_y[: sample_x.shape[0]]
     flops_per_image = training_flops_per_image(model, sample_x[:2], sample_y[:2])
 
-    probe = None
-    if config.memory_probe:
+    probe = saved["memory_probe"] if saved else None
+    if config.memory_probe and probe is None:
         reporter.phase("measuring memory (probe on a copy)")
 
         def probe_step(m, opt):
             entry.train_mode(opt)
             training_step(m, opt, entry, sample_x, sample_y, amp, entry.hessian_due(opt))
 
-        probe = memory_probe(model, lambda m: entry.build(m.parameters(), config.hparams, context).optimizer,
+        probe = memory_probe(model, lambda m: _build_optimizer(entry, m.parameters(), config.hparams, context).optimizer,
                              probe_step, entry.force_hessian_next)
 
-    if config.compile:
-        model = torch.compile(model)
+    progress = None
+    earlier_wall = 0.0
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        restore_rng(saved["rng"])
+        progress = TrainResult(**saved["progress"])
+        progress.status, progress.detail = "ok", ""
+        earlier_wall = saved.get("wall_time_s", 0.0)
+        reporter.phase(f"resuming from {ckpt_path}: epoch {progress.epochs_done} done, "
+                       f"step {progress.step_in_epoch} of the next")
+
+    def save(state: TrainResult) -> None:
+        save_checkpoint(ckpt_path, {
+            "config_hash": config.config_hash, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": capture_rng(),
+            "progress": asdict(state), "memory_probe": probe,
+            "wall_time_s": earlier_wall + time.perf_counter() - wall_start,
+        })
+
+    train_model = torch.compile(model) if config.compile else model
     reset_cuda_peak(device)
     reporter.phase("training")
-    result = train(model, optimizer, entry, scheduler, data, epochs=config.epochs, batch_size=config.batch_size,
-                   eval_batch_size=config.eval_batch_size, seed=config.seed, augment=config.augment,
-                   precision=config.precision, log_every=config.log_every, reporter=reporter)
-
+    with StopOnSignal(reporter.warn) as stop:
+        result = train(train_model, optimizer, entry, scheduler, data, epochs=config.epochs,
+                       batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
+                       augment=config.augment, precision=config.precision, log_every=config.log_every,
+                       reporter=reporter, resume=progress, checkpoint=save, stop_requested=stop,
+                       eager_model=model if config.compile else None)
     if device.type == "cuda":
         peaks = cuda_peaks(device)
         peak, peak_source, reserved = peaks["allocated"], "torch.cuda.max_memory_allocated (whole training)", \
@@ -163,7 +228,8 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
         "final_train_loss": final["train_loss"] if final else None,
         "train_wall_time_s": result.train_time_s,
         "eval_wall_time_s": result.eval_time_s,
-        "total_wall_time_s": time.perf_counter() - wall_start,
+        "total_wall_time_s": earlier_wall + time.perf_counter() - wall_start,
+        "resumed": saved is not None,
         "throughput_images_per_s": result.images_seen / result.train_time_s if result.train_time_s else None,
         "training_flops_per_image": flops_per_image,
         "achieved_tflops": (flops_per_image * result.images_seen / result.train_time_s / 1e12
@@ -177,6 +243,7 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
         "peak_memory_reserved_bytes": reserved,
         "memory_breakdown": probe,
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "final_weights_sha256": weights_digest(model),
         "param_count": param_count(model),
         "param_bytes": sum(p.nbytes for p in model.parameters()),
         "dataset_device_bytes": data.device_bytes,
@@ -193,5 +260,9 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
         "started_at": started_at,
         "finished_at": utc_now(),
     }
+    if peak is not None and device.type == "cuda" and saved is not None:
+        record["peak_memory_source"] += " (since the resume only)"
     path = write_record(config.results_dir, record)
+    if result.status in ("ok", "diverged") and ckpt_path.exists():
+        ckpt_path.unlink()  # finished: the record is the result; an interrupted run keeps its checkpoint
     return record, path

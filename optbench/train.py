@@ -14,7 +14,7 @@ import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,14 @@ class Reporter(Protocol):
     def epoch_end(self, row: dict[str, Any]) -> None: ...
 
 
+class StopRequested(Exception):
+    """A stop (Ctrl-C, SIGTERM) was requested; raised between steps, where the state is consistent."""
+
+
 @dataclass
 class TrainResult:
+    """Progress and outcome of training; also what a checkpoint saves to resume from."""
+
     status: str = "ok"  # ok | diverged | interrupted | oom
     detail: str = ""
     diverged_at_step: int | None = None
@@ -42,6 +48,10 @@ class TrainResult:
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Where to continue: epochs fully done, and steps already taken in the next one.
+    epochs_done: int = 0
+    step_in_epoch: int = 0
+    epoch_loss_sum: float = 0.0
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -85,27 +95,43 @@ def evaluate(model: torch.nn.Module, data: ImageData, batch_size: int, amp) -> t
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: OptimizerEntry,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None, data: ImageData, *, epochs: int,
           batch_size: int, eval_batch_size: int, seed: int, augment: bool, precision: str, log_every: int,
-          reporter: Reporter) -> TrainResult:
+          reporter: Reporter, resume: TrainResult | None = None,
+          checkpoint: Callable[[TrainResult], None] | None = None,
+          stop_requested: Callable[[], bool] = lambda: False,
+          eager_model: torch.nn.Module | None = None) -> TrainResult:
+    """Train for `epochs` (continuing from `resume`), evaluating after each epoch.
+
+    `checkpoint(result)` is called after each epoch's evaluation (Schedule-Free then in eval mode) and
+    when a stop is requested; `stop_requested()` is polled once per step (a Python flag, no device sync).
+    `eager_model`: the uncompiled module when `model` is torch.compile'd; Hessian steps use it, since
+    compiled graphs cannot be differentiated twice.
+    """
     device = data.train_x.device
     amp = autocast_for(device, precision)
-    result = TrainResult()
+    result = resume or TrainResult()
     train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
-    steps_dev = torch.zeros((), dtype=torch.int64, device=device)  # the step counter, on the device
+    train_clock.total, eval_clock.total = result.train_time_s, result.eval_time_s
+    steps_dev = torch.full((), result.steps, dtype=torch.int64, device=device)  # step counter, on the device
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    n_train = data.train_x.shape[0]
-    steps_per_epoch = -(-n_train // batch_size)
+    steps_per_epoch = -(-data.train_x.shape[0] // batch_size)
+
+    def close_books() -> None:
+        if train_clock.running_now:
+            train_clock.stop()
+        result.train_time_s, result.eval_time_s = train_clock.total, eval_clock.total
 
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(result.epochs_done + 1, epochs + 1):
             model.train()
             entry.train_mode(optimizer)
             reporter.epoch_start(epoch, epochs, steps_per_epoch)
-            loss_sum = torch.zeros((), device=device)
-            epoch_steps, epoch_images = 0, 0
+            loss_sum = torch.full((), result.epoch_loss_sum, device=device)
+            epoch_steps, epoch_images = result.step_in_epoch, 0
             train_clock.start()
-            for x, y in train_batches(data, batch_size, seed, epoch, augment):
+            for x, y in train_batches(data, batch_size, seed, epoch, augment, start_step=result.step_in_epoch):
                 hessian = entry.hessian_due(optimizer)
-                loss = training_step(model, optimizer, entry, x, y, amp, hessian)
+                step_model = eager_model if hessian and eager_model is not None else model
+                loss = training_step(step_model, optimizer, entry, x, y, amp, hessian)
                 if scheduler is not None:
                     scheduler.step()
                 steps_dev += 1
@@ -116,7 +142,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 result.hessian_updates += int(hessian)
                 result.images_seen += y.shape[0]
                 epoch_images += y.shape[0]
-                if epoch_steps % log_every == 0 or epoch_steps == steps_per_epoch:
+                at_log_point = epoch_steps % log_every == 0 or epoch_steps == steps_per_epoch
+                if at_log_point or stop_requested():
                     bad = int(first_bad_step.item())  # the only device read: every log_every steps
                     if bad >= 0:
                         result.status, result.diverged_at_step = "diverged", bad
@@ -125,6 +152,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                     elapsed = train_clock.peek()
                     reporter.progress(epoch_steps, loss_sum.item() / epoch_steps,
                                       epoch_images / elapsed if elapsed > 0 else float("nan"))
+                if stop_requested():  # between steps: the state is consistent, so it can be saved
+                    result.step_in_epoch, result.epoch_loss_sum = epoch_steps, loss_sum.item()
+                    raise StopRequested
             train_clock.stop()
             if result.status == "diverged":
                 break
@@ -140,21 +170,30 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 "steps": result.steps,
                 "lr": optimizer.param_groups[0]["lr"],
             }
+            result.history.append(row)
+            result.epochs_done, result.step_in_epoch, result.epoch_loss_sum = epoch, 0, 0.0
             if not math.isfinite(test_loss):
                 result.status, result.diverged_at_step = "diverged", result.steps
                 result.detail = f"non-finite test loss after epoch {epoch}"
-                result.history.append(row)
                 break
-            result.history.append(row)
             reporter.epoch_end(row)
+            if checkpoint is not None and epoch < epochs:
+                close_books()
+                checkpoint(result)
+    except StopRequested:
+        close_books()
+        result.status, result.detail = "interrupted", f"stopped on request after {result.steps} steps"
+        if checkpoint is not None:
+            entry.eval_mode(optimizer)  # Schedule-Free's authors: save in eval mode
+            checkpoint(result)
     except KeyboardInterrupt:
-        result.status, result.detail = "interrupted", f"interrupted after {result.steps} steps"
+        # Raised mid-step: weights and counters may disagree, so no checkpoint; the last epoch's stays.
+        close_books()
+        result.status, result.detail = "interrupted", f"interrupted after {result.steps} steps (not checkpointed)"
     except torch.OutOfMemoryError as exc:
         result.status = "oom"
         result.detail = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
     finally:
-        if train_clock.running_now:
-            train_clock.stop()
-        result.train_time_s, result.eval_time_s = train_clock.total, eval_clock.total
+        close_books()
     entry.eval_mode(optimizer)  # leave the model holding the weights that were evaluated
     return result

@@ -1,0 +1,37 @@
+"""Ctrl-C and SIGTERM: the first asks training to stop after the current step (it then saves a
+checkpoint and writes the record); a second one interrupts at once."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Callable
+
+
+class StopOnSignal:
+    """Context manager that turns SIGINT/SIGTERM into a polled flag (main thread only)."""
+
+    def __init__(self, notify: Callable[[str], None] = lambda text: None):
+        self.requested = False
+        self._notify = notify
+        self._previous: dict[int, object] = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # second signal: stop now, without a checkpoint
+        self.requested = True
+        self._notify(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                     "(send it again to stop at once)")
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
