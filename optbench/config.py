@@ -178,6 +178,9 @@ def resolve_config(
         hparams["betas"] = list(hparams["betas"])
     hparams.pop("title", None)
     _check_hparams(optimizer, hparams)
+    for key, options in entry.choices.items():
+        if key in hparams and hparams[key] not in options:
+            raise ConfigError(f"{optimizer} {key} must be one of {', '.join(options)}; got {hparams[key]!r}")
 
     for name, minimum in _INT_FIELDS.items():
         if name in settings:

@@ -142,3 +142,107 @@ def training_flops_per_image(model: torch.nn.Module, example: torch.Tensor, targ
         loss.backward()
     del probe
     return int(counter.get_total_flops() // example.shape[0])
+
+
+def optimizer_state_storage_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct storages behind the tensors in `optimizer.state` (0 before the first step).
+
+    The same number as `optimizer_state_bytes` for ordinary tensors, and also right for fake and meta
+    tensors (the memory estimate): their `data_ptr()` is 0 or deprecated, so deduplicating by it counts
+    every state tensor as the first one. Tensors sharing one storage count once, at the storage's size.
+    """
+    total = 0
+    seen: dict[int, torch.UntypedStorage] = {}  # keeps each storage alive so its id() cannot be reused
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                storage = value.untyped_storage()
+                if id(storage) not in seen:
+                    seen[id(storage)] = storage
+                    total += storage.nbytes()
+    return total
+
+
+def _named_categories(device_snapshot: dict[Any, int]) -> dict[str, int]:
+    """A MemTracker per-device snapshot with its keys renamed as in `_tracked_step` (all categories present)."""
+    out = dict.fromkeys(_CATEGORY_KEYS.values(), 0)
+    out["total"] = 0
+    for key, value in device_snapshot.items():
+        name = "total" if key == "Total" else _CATEGORY_KEYS.get(getattr(key, "value", str(key)), str(key))
+        out[name] = int(value)
+    return out
+
+
+_PHASE_TRACKER_CLASS = None
+
+
+def _phase_tracker_class():
+    """MemTracker that keeps the peak outside and the peak inside `optimizer.step()` apart.
+
+    It replaces MemTracker's `_update_peak_stats`, which runs after every op and walks every module seen
+    so far to keep module-wise peaks (unused here): on ViT-Large that walk is ~80% of a tracked step.
+    It reads MemTracker internals (`_in_opt`, set by its optimizer hooks; `_curr_mem_snap`) as they are
+    in torch 2.5-2.14; tests/test_memory.py pins the behaviour. Its "peak" snapshot is never updated:
+    read `phase_peaks` instead.
+    """
+    global _PHASE_TRACKER_CLASS
+    if _PHASE_TRACKER_CLASS is None:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        class PhasePeakTracker(MemTracker):
+            def __init__(self, device: torch.device):
+                super().__init__()
+                self.watched_device = device
+                self.phase_peaks: dict[str, dict[Any, int]] = {}
+
+            def _update_peak_stats(self, peak_state) -> None:
+                snap = self._curr_mem_snap.get(self.watched_device)
+                if snap is None:
+                    return
+                phase = "step" if self._in_opt else "forward_backward"
+                best = self.phase_peaks.get(phase)
+                if best is None or snap["Total"] > best["Total"]:
+                    self.phase_peaks[phase] = dict(snap)
+
+        _PHASE_TRACKER_CLASS = PhasePeakTracker
+    return _PHASE_TRACKER_CLASS
+
+
+def tracked_step_phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step_fn: Callable[[], None],
+                        inputs: tuple[torch.Tensor, ...] = ()) -> dict[str, dict[str, int]]:
+    """Tensor memory of one training step under MemTracker, the peaks outside and inside `step()` apart.
+
+    Returns three snapshots on the device holding the model's parameters, each {category: bytes} with
+    the categories of `_tracked_step` plus "total":
+    - "forward_backward": at the highest total outside `optimizer.step()` (forward, backward, zero_grad);
+    - "step_entry": when `optimizer.step()` is entered;
+    - "step": at the highest total inside `optimizer.step()`.
+    `inputs` (the batch) are tracked as "other". Works on real tensors of any device, and under
+    FakeTensorMode when that mode is entered before this call and the model, optimizer state and inputs are
+    its fake tensors: then nothing is allocated.
+
+    Traps: MemTracker books everything allocated inside `step()` as "optimizer_state" (Sophia's
+    Hessian-vector products included, and those it may book as "grads"): the step's own temporaries are
+    `step["total"] - step_entry["total"]`, not a category. Optimizer state must exist before the call
+    (optimizers create it lazily on their first step), or the first step's state counts as temporaries.
+    A fresh tracker per call: MemTracker refuses a second forward of a module it has seen.
+    """
+    device = next(model.parameters()).device
+    tracker = _phase_tracker_class()(device)
+    tracker.track_external(model, optimizer, *inputs)
+    entry: dict[str, Any] = {}
+
+    def at_step_entry(opt, args, kwargs) -> None:
+        entry.update(tracker.get_tracker_snapshot("current").get(device, {}))
+
+    handle = optimizer.register_step_pre_hook(at_step_entry)
+    try:
+        with tracker:
+            step_fn()
+    finally:
+        handle.remove()
+    if "step" not in tracker.phase_peaks or not entry:
+        raise RuntimeError("tracked_step_phases: step_fn did not call optimizer.step() on the tracked optimizer")
+    return {"forward_backward": _named_categories(tracker.phase_peaks.get("forward_backward", {})),
+            "step_entry": _named_categories(entry),
+            "step": _named_categories(tracker.phase_peaks["step"])}

@@ -73,6 +73,7 @@ class OptimizerEntry:
     force_hessian_next: Callable[[torch.optim.Optimizer], None] | None = None
     warnings: Callable[[dict[str, Any]], list[str]] = _no_warnings
     extra_hparams: frozenset[str] = field(default_factory=frozenset)
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hyperparameters with fixed options
 
     def defaults(self) -> dict[str, Any]:
         return optimizer_defaults(self.name)
@@ -177,10 +178,12 @@ def _schedulefree_eval(optimizer) -> None:
 
 
 REGISTRY: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry("adamw", "torch", _build_adamw, external_schedule=True),
+    "adamw": OptimizerEntry("adamw", "torch", _build_adamw, external_schedule=True,
+                            choices={"implementation": _ADAMW_IMPLEMENTATIONS}),
     "lion": OptimizerEntry("lion", "lion-pytorch", _build_lion, external_schedule=True, warnings=_lion_warnings),
     "sophia": OptimizerEntry("sophia", "pytorch-optimizer", _build_sophia, external_schedule=True,
-                             hessian_due=_sophia_hessian_due, force_hessian_next=_sophia_force_hessian_next),
+                             hessian_due=_sophia_hessian_due, force_hessian_next=_sophia_force_hessian_next,
+                             choices={"hessian_distribution": ("rademacher", "gaussian")}),
     "schedulefree": OptimizerEntry("schedulefree", "schedulefree", _build_schedulefree, external_schedule=False,
                                    train_mode=_schedulefree_train, eval_mode=_schedulefree_eval),
 }

@@ -8,6 +8,7 @@ never raises for one bad file: unreadable records are reported by name and skipp
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -46,11 +47,25 @@ def ensure_writable(results_dir: str | Path) -> Path:
     return path
 
 
+def _json_safe(value: Any) -> Any:
+    """`value` with non-finite floats replaced by None: JSON has no NaN/inf, and a diverged run's
+    losses (e.g. a non-finite test loss) must not stop its record from being written."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
-    """Write `record` atomically under a new name; returns its path. Never replaces an existing file."""
+    """Write `record` atomically under a new name; returns its path. Never replaces an existing file.
+
+    Non-finite numbers are written as null."""
     directory = ensure_writable(results_dir)
     base = record_filename(record)
-    text = json.dumps(record, indent=2, sort_keys=False, allow_nan=False, default=str)
+    text = json.dumps(_json_safe(record), indent=2, sort_keys=False, allow_nan=False, default=str)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as handle:

@@ -128,8 +128,10 @@ def toy_settings(function: str) -> ToySettings:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"{where}: seed must be a whole number >= 0")
     reference = data.get("reference") or {}
-    if not isinstance(reference, dict):
-        raise ConfigError(f"{where}: reference must hold SGD's hyperparameters")
+    momentum = reference.get("momentum") if isinstance(reference, dict) else None
+    if (not isinstance(reference, dict) or set(reference) != {"momentum"} or isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1):
+        raise ConfigError(f"{where}: reference must be {{momentum: M}} with M in [0, 1), SGD's momentum")
     return ToySettings(start, steps, float(threshold), (xs, ys), {k: float(lrs[k]) for k in CONTENDERS},
                        seed, dict(reference))
 
@@ -191,7 +193,7 @@ def contenders(settings: ToySettings, steps: int) -> list[Contender]:
         out.append(Contender(name, entry.title, hparams,
                              lambda params, entry=entry, hparams=hparams: entry.build(params, hparams, context),
                              entry.train_mode, entry.eval_mode, entry.hessian_due))
-    sgd_hparams = {"lr": settings.lr[REFERENCE], "momentum": 0.9, "weight_decay": 0.0, **settings.reference}
+    sgd_hparams = {"lr": settings.lr[REFERENCE], **settings.reference, "weight_decay": 0.0}
 
     def build_sgd(params: list[torch.Tensor]) -> Built:
         return Built(torch.optim.SGD(params, **sgd_hparams), {"class": "torch.optim.SGD"})
@@ -254,7 +256,8 @@ def _reported_point(point: torch.Tensor, optimizer: torch.optim.Optimizer,
                     eval_mode: Callable[[torch.optim.Optimizer], None]) -> np.ndarray:
     """The point the optimizer would hand back now (Schedule-Free: its average x), read from a copy so
     that switching modes cannot disturb the run (train(eval(y)) is y only up to rounding)."""
-    snapshot = copy.deepcopy({"point": point, "optimizer": optimizer})  # one memo: the copy steps the copy
+    # Copied together, so the copied optimizer holds (and eval_mode moves) the copied point.
+    snapshot = copy.deepcopy({"point": point, "optimizer": optimizer})
     eval_mode(snapshot["optimizer"])
     return snapshot["point"].detach().numpy().copy()
 
@@ -308,12 +311,11 @@ def run_toy(function: str = "rosenbrock", steps: int | None = None, start: tuple
     seed = settings.seed if seed is None else seed
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed must be a whole number >= 0, got {seed!r}")
-    start = settings.start if start is None else start
-    if _pair(start) is None:
+    start_point = _pair(settings.start if start is None else start)
+    if start_point is None:
         raise ConfigError(f"--start must be two finite numbers, got {start!r}")
-    start = _pair(start)
-    runs = [race(c, objective, start, steps, seed) for c in contenders(settings, steps)]
-    return ToyResult(objective, start, steps, seed, settings.loss_threshold, settings.view, runs)
+    runs = [race(c, objective, start_point, steps, seed) for c in contenders(settings, steps)]
+    return ToyResult(objective, start_point, steps, seed, settings.loss_threshold, settings.view, runs)
 
 
 # --- Text output -----------------------------------------------------------------------------------
@@ -348,9 +350,16 @@ def run_notes(result: ToyResult) -> list[str]:
     if sophia is not None:
         lines.append(f"{sophia.title}: Hutchinson Hessian estimate (backward with create_graph=True) on "
                      f"{sophia.hessian_steps} of its steps.")
+    lines.append(f"Steps to loss <= {result.loss_threshold:g}: the first step at or below it (the loss may rise "
+                 "again); 'never' if no step reached it.")
     lines.append("Schedule-Free AdamW: its path, losses and final point are the averaged point x (read in eval "
                  "mode); its gradients are taken at another point, y.")
     return lines
+
+
+def _coordinate(value: float) -> str:
+    # Fixed decimals near the minimum; a diverged run's 1e300 would otherwise print 300 digits.
+    return f"{value:.5f}" if abs(value) < 1e4 else f"{value:.2e}"
 
 
 def _point_text(point: tuple[float, float]) -> str:
@@ -377,7 +386,7 @@ def summary_table(result: ToyResult):
         else:
             final_loss = f"{run.final_loss:.2e}"
         x, y = run.final_point
-        table.add_row(run.title, f"{run.hparams['lr']:g}", f"{x:.5f}", f"{y:.5f}",
+        table.add_row(run.title, f"{run.hparams['lr']:g}", _coordinate(x), _coordinate(y),
                       f"{run.distance_to(result.objective.minimum):.2e}", final_loss,
                       "never" if reached is None else str(reached))
     return table

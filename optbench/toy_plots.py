@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import LogLocator  # noqa: E402
 
 from optbench.toy import ToyResult, ToyRun  # noqa: E402
 
@@ -54,13 +55,14 @@ def plot_paths(result: ToyResult, path: Path) -> Path:
     filled = ax.contourf(gx, gy, np.clip(values, low, None), levels=levels, norm=LogNorm(), cmap="Blues_r",
                          alpha=0.55)
     ax.contour(gx, gy, values, levels=levels[::2], norm=LogNorm(), colors="0.55", linewidths=0.4)
-    fig.colorbar(filled, ax=ax, label="f(x, y), log-spaced levels", format="%.0e", shrink=0.85)
+    fig.colorbar(filled, ax=ax, label="f(x, y), log-spaced levels", ticks=LogLocator(), shrink=0.85)
     for run in result.runs:
         style = STYLES.get(run.key, _FALLBACK)
         points = run.points
         every = max(1, (len(points) - 1) // MARKERS_PER_PATH)
+        # Slightly transparent: paths that share a valley stay visible under one another.
         ax.plot(points[:, 0], points[:, 1], color=style["color"], linestyle=style["linestyle"], linewidth=1.4,
-                marker=style["marker"], markersize=4, markevery=every, label=_label(run), zorder=3)
+                marker=style["marker"], markersize=4, markevery=every, label=_label(run), zorder=3, alpha=0.85)
         ax.plot(*points[-1], marker=style["marker"], color=style["color"], markersize=11,
                 markeredgecolor="black", zorder=5)
     ax.plot(*result.start, marker="o", color="white", markeredgecolor="black", markersize=10, zorder=6,
@@ -71,6 +73,7 @@ def plot_paths(result: ToyResult, path: Path) -> Path:
     (x0, x1), (y0, y1) = result.view
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
+    ax.set_aspect("equal")  # true geometry: the quadratic's valley really is at 45 degrees
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_title(f"{result.objective.title}: f = {result.objective.formula}\n"
@@ -94,6 +97,11 @@ def plot_losses(result: ToyResult, path: Path) -> Path:
     ax.axhline(result.loss_threshold, color="black", linestyle=":", linewidth=1,
                label=f"threshold {result.loss_threshold:g}")
     ax.set_yscale("log")
+    # A diverged run would stretch the axis to 1e300 and flatten everyone else: it leaves through the top.
+    kept = [r.losses for r in result.runs if r.diverged_at is None] or [r.losses for r in result.runs]
+    finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in kept])
+    if finite.size:
+        ax.set_ylim(min(finite.min(), result.loss_threshold) / 10, 10 * finite.max())
     ax.set_xlabel("step")
     ax.set_ylabel("f(x, y) at the optimizer's point (log scale)")
     ax.set_title(f"{result.objective.title}: loss per step from {tuple(round(v, 4) for v in result.start)}, "

@@ -1,0 +1,755 @@
+"""Where a training step's memory goes, per optimizer, for any timm ViT, with or without a GPU.
+
+For each optimizer one training step (forward, loss, backward, `step()`, `zero_grad`) is measured after
+its state exists (all four optimizers create state lazily on their first step, which runs untracked).
+The peak is split into parameters, gradients, optimizer state, activations, backward temporaries,
+temporaries inside `step()` and the input batch. Sophia's Hessian step is measured apart from its plain
+step: it sets Sophia's peak.
+
+Three methods, each named in the report:
+- "cuda": real allocator peaks (`max_memory_allocated` / `max_memory_reserved`), reset after set-up and
+  read separately for forward/backward and for `step()`; the parts come from MemTracker on the same step.
+- "tracked": real tensors on the CPU under MemTracker (`measure.tracked_step_phases`).
+- "estimate": the same MemTracker run under FakeTensorMode on a model built on the meta device. Tensors
+  have shapes and no data, so nothing is allocated and ViT-Large at batch 256 answers in seconds. It runs
+  CPU kernels: on a GPU, allocator rounding, caching and kernel workspaces come on top.
+
+The answer the issue asks for is `LionVerdict`: the largest batch size at which Lion's peak saving
+against AdamW reaches 30%, found by evaluating batch sizes (not typed in), or why it cannot. In fp32
+(and bf16 autocast, which keeps fp32 weights, gradients and state) AdamW holds >= 16 B/param during
+`step()` and Lion >= 12 B/param, so Lion saves at most 25% of the peak against an AdamW without
+temporaries in `step()` (fused); foreach AdamW allocates ~1x parameters more inside `step()`, which
+raises that ceiling. Activations shrink the saving as the batch grows. Implementation choices that move
+the peak (AdamW foreach/fused/forloop, precision) are inputs and are recorded.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from optbench.errors import ConfigError, DeviceError, OptbenchError
+from optbench.measure import optimizer_state_storage_bytes, tracked_step_phases
+from optbench.optimizers import BASELINE, OPTIMIZER_NAMES, BuildContext, get_entry, title_of
+from optbench.train import autocast_for, training_step
+
+METHODS = ("auto", "cuda", "tracked", "estimate")
+ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "forloop")
+PRECISIONS = ("fp32", "bf16")
+LION_TARGET_SAVING = 0.30  # the course's claim: Lion saves >= 30% memory against AdamW
+MIN_GRID = 8  # default patch: keep at least 8x8 patches (32px -> patch 4, 224px -> patch 16)
+
+# Per-parameter optimizer state: tensors the size and dtype of the parameter, and scalar tensors per
+# parameter (torch's AdamW keeps `step` as a float32 tensor per parameter). Read from the libraries'
+# sources; `state_layout_bytes` turns it into bytes and the tests check it against real optimizers.
+STATE_LAYOUT: dict[str, tuple[tuple[str, ...], int]] = {
+    "adamw": (("exp_avg", "exp_avg_sq"), 1),
+    "lion": (("exp_avg",), 0),
+    "sophia": (("momentum", "hessian_moment", "hessian"), 0),
+    "schedulefree": (("z", "exp_avg_sq"), 0),
+}
+_SCALAR_STATE_BYTES = 4  # float32 step counter
+
+
+def state_layout_bytes(optimizer: str, params: list[torch.Tensor]) -> int:
+    """Optimizer-state bytes implied by the parameters' shapes and the optimizer's known state layout.
+
+    Works for real, meta and fake parameters (reads only shapes and dtypes). Counts state as it is after
+    the first step; Sophia's `hessian` appears on its first Hessian step, which is its first step.
+    """
+    per_param, scalars = STATE_LAYOUT[optimizer]
+    return sum(len(per_param) * p.numel() * p.element_size() + scalars * _SCALAR_STATE_BYTES for p in params)
+
+
+# --- what to measure -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """One validated memory question. Build it with `resolve_spec`."""
+
+    model: str
+    batch_size: int
+    image_size: int
+    patch_size: int
+    num_classes: int
+    precision: str  # fp32 | bf16 (autocast; weights, gradients and state stay fp32)
+    method: str  # cuda | tracked | estimate (never auto: resolved)
+    adamw_impl: str  # foreach | fused | forloop
+    optimizers: tuple[str, ...]  # always starts with AdamW, the baseline of every saving
+    depth: int | None = None  # None: the timm model's own depth
+    in_chans: int = 3
+    param_count: int = 0
+    tokens: int = 0  # patches + prefix (class) tokens
+
+
+def _name_number(name: str, pattern: str) -> int | None:
+    match = re.search(pattern, name)
+    return int(match.group(1)) if match else None
+
+
+def default_patch_size(model: str, image_size: int) -> int:
+    """The model's own patch (from its name, else 16) if it leaves a grid of >= 8x8 patches; otherwise
+    the largest divisor of the image size that does (32px -> 4, 64px -> 8, 224px -> 16)."""
+    native = _name_number(model, r"patch(\d+)") or 16
+    if image_size % native == 0 and image_size // native >= MIN_GRID:
+        return native
+    fitting = [d for d in range(1, image_size + 1) if image_size % d == 0 and image_size // d >= MIN_GRID]
+    return max(fitting) if fitting else 1
+
+
+def _create_model(spec: MemorySpec, device: str | torch.device) -> torch.nn.Module:
+    """The timm model of `spec`, created on `device` ("meta" allocates nothing)."""
+    import timm
+
+    extra = {"depth": spec.depth} if spec.depth else {}
+    try:
+        with torch.device(device):
+            return timm.create_model(spec.model, pretrained=False, img_size=spec.image_size,
+                                     patch_size=spec.patch_size, num_classes=spec.num_classes,
+                                     in_chans=spec.in_chans, **extra)
+    except TypeError as exc:
+        raise ConfigError(f"timm model '{spec.model}' does not take ViT size arguments ({exc}): "
+                          "use a timm ViT such as vit_tiny_patch16_224") from None
+
+
+def resolve_spec(model: str, batch_size: int, image_size: int | None = None, precision: str = "fp32",
+                 method: str = "auto", adamw_impl: str = "foreach", optimizers: list[str] | None = None,
+                 num_classes: int = 1000, patch_size: int | None = None, depth: int | None = None) -> MemorySpec:
+    """Validate a memory question; raises ConfigError / DeviceError with one actionable line.
+
+    `method="auto"` is "cuda" when a GPU is present, else "estimate" (a CPU-tracked run of a large model
+    would allocate its full peak). `image_size` defaults to the size in the model's name (224).
+    """
+    import timm
+
+    if not model or not timm.is_model(model):
+        raise ConfigError(f"unknown timm model '{model}': use a timm ViT name such as vit_tiny_patch16_224, "
+                          "vit_base_patch16_224 or vit_large_patch16_224")
+    for name, value in (("batch size", batch_size), ("number of classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    for name, value in (("image size", image_size), ("patch size", patch_size), ("depth", depth)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    size = image_size or _name_number(model, r"_(\d+)$") or 224
+    patch = patch_size or default_patch_size(model, size)
+    if size % patch:
+        raise ConfigError(f"patch size {patch} does not divide the image size {size}: pick a divisor of {size}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    if adamw_impl not in ADAMW_IMPLEMENTATIONS:
+        raise ConfigError(f"unknown AdamW implementation '{adamw_impl}': choose one of "
+                          f"{', '.join(ADAMW_IMPLEMENTATIONS)}")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    has_cuda = torch.cuda.is_available()
+    if method == "cuda" and not has_cuda:
+        raise DeviceError("--method cuda needs a CUDA GPU and torch.cuda.is_available() is False here: "
+                          "use --method tracked (real CPU tensors) or --method estimate (allocates nothing)")
+    if method == "auto":
+        method = "cuda" if has_cuda else "estimate"
+    names: list[str] = []
+    for name in [BASELINE, *(optimizers or OPTIMIZER_NAMES)]:
+        name = name.strip().lower()
+        if name and name not in names:
+            get_entry(name)  # ConfigError naming the choices
+            names.append(name)
+    spec = MemorySpec(model=model, batch_size=batch_size, image_size=size, patch_size=patch,
+                      num_classes=num_classes, precision=precision, method=method, adamw_impl=adamw_impl,
+                      optimizers=tuple(names), depth=depth)
+    probe = _create_model(spec, "meta")
+    patches = getattr(getattr(probe, "patch_embed", None), "num_patches", None)
+    tokens = (patches or 0) + int(getattr(probe, "num_prefix_tokens", 0))
+    return MemorySpec(**{**asdict(spec), "optimizers": spec.optimizers,
+                         "param_count": sum(p.numel() for p in probe.parameters()), "tokens": tokens})
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepMemory:
+    """Memory of one training step. The parts are those alive at the peak and add up to `peak_bytes`
+    (for "cuda" the parts add up to the MemTracker peak; `unattributed` is the allocator's excess)."""
+
+    kind: str  # "plain" or "hessian" (Sophia's Hutchinson step: create_graph backward + HVP in step())
+    batch_size: int
+    peak_bytes: int
+    peak_phase: str  # "fwd/bwd" (forward, loss, backward) or "step()" (inside optimizer.step())
+    params: int  # parameters and buffers
+    grads: int
+    optimizer_state: int
+    activations: int  # forward tensors kept for backward (and, on Hessian steps, the graph of the gradients)
+    backward_temporaries: int  # allocated during backward and not gradients
+    step_temporaries: int  # allocated inside step() and alive at the peak (0 when the peak is before step())
+    inputs: int  # the batch (MemTracker's "other")
+    forward_backward_peak_bytes: int
+    step_entry_bytes: int  # all that is alive when step() starts
+    step_peak_bytes: int
+    params_grads_state_in_step: int  # parameters, buffers, gradients and optimizer state when step() starts
+    unattributed: int = 0  # cuda: allocator peak minus MemTracker peak (block rounding, workspaces)
+    allocator_reserved_bytes: int | None = None  # cuda: max_memory_reserved (allocator cache included)
+
+    @property
+    def step_own_temporaries(self) -> int:
+        """What step() allocates beyond what it is handed: foreach AdamW ~1x params, fused ~0."""
+        return self.step_peak_bytes - self.step_entry_bytes
+
+
+@dataclass
+class OptimizerMemory:
+    optimizer: str
+    title: str
+    implementation: dict[str, Any]  # what ran: class, code path, flags
+    param_count: int
+    param_bytes: int
+    state_bytes: int  # exact: distinct storages held in optimizer.state after the measured steps
+    state_layout_bytes: int  # from parameter shapes and STATE_LAYOUT; equal to state_bytes when understood
+    steps: list[StepMemory]
+    seconds: float
+    peak_bytes: int = 0  # the highest of `steps`
+    saving_vs_adamw: float | None = None  # 1 - peak / AdamW's peak
+    state_saving_vs_adamw: float | None = None  # 1 - state / AdamW's state
+
+
+@dataclass
+class SweepPoint:
+    batch_size: int
+    adamw_peak_bytes: int
+    lion_peak_bytes: int
+    saving: float
+
+
+@dataclass
+class LionVerdict:
+    """Does Lion's peak saving against AdamW reach `target`, and at which batch size?"""
+
+    target: float
+    reached: bool
+    batch_size: int | None  # the largest evaluated batch size meeting the target
+    method: str
+    adamw_impl: str
+    points: list[SweepPoint]  # every batch size evaluated, largest first
+    bytes_per_param_adamw: float  # weights + gradients + state during step()
+    bytes_per_param_lion: float
+    bound_without_temporaries: float  # 1 - Lion/AdamW bytes per param: 25% in fp32
+    ceiling_with_temporaries: float  # the saving as activations vanish, with the implementations that ran
+    message: str
+
+
+@dataclass
+class MemoryReport:
+    spec: MemorySpec
+    method_label: str
+    device: str
+    versions: dict[str, str]
+    results: list[OptimizerMemory]
+    verdict: LionVerdict | None
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def result(self, optimizer: str) -> OptimizerMemory:
+        return next(r for r in self.results if r.optimizer == optimizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for result, row in zip(self.results, out["results"]):
+            for step, step_row in zip(result.steps, row["steps"]):
+                step_row["step_own_temporaries"] = step.step_own_temporaries
+        return out
+
+
+METHOD_LABELS = {
+    "cuda": "measured on CUDA: torch.cuda.max_memory_allocated (peak) and max_memory_reserved, reset after "
+            "set-up, optimizer state present; parts from MemTracker on the same step",
+    "tracked": "measured on CPU: MemTracker peak of real tensors, one step after the optimizer state exists",
+    "estimate": "estimated, nothing allocated: MemTracker under FakeTensorMode, model on the meta device "
+                "(CPU kernels; a GPU adds allocator rounding, cache and workspaces)",
+}
+
+
+# --- measuring -------------------------------------------------------------------------------------
+
+
+class _Session:
+    """Models, batches and the tensor mode for one method. An "estimate" session runs everything inside
+    one FakeTensorMode; the model is created on the meta device first (timm's constructor reads tensor
+    values, which fake tensors refuse) and materialised as fake CPU tensors with `to_empty`."""
+
+    def __init__(self, spec: MemorySpec, method: str):
+        self.spec, self.method = spec, method
+        self.device = torch.device("cuda" if method == "cuda" else "cpu")
+        self.fake_mode = None
+        if method == "estimate":
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.build_context = BuildContext(device_type=self.device.type, total_steps=1000, warmup_steps=0)
+        # CUDA warms up at the measured batch so cuBLAS workspaces and the allocator cache exist before the
+        # measured step; elsewhere the warm-up only creates optimizer state, and batch 1 does that cheaply.
+        self.warmup_batch = spec.batch_size if method == "cuda" else 1
+        self._cached: dict[str, _Probe] = {}
+
+    def mode(self):
+        return self.fake_mode if self.fake_mode is not None else nullcontext()
+
+    def new_model(self) -> torch.nn.Module:
+        """A model on the session's device. Call it outside `mode()`: it enters the fake mode itself."""
+        if self.fake_mode is not None:
+            meta = _create_model(self.spec, "meta")
+            with self.fake_mode:
+                return meta.to_empty(device="cpu")
+        torch.manual_seed(0)
+        return _create_model(self.spec, "cpu").to(self.device)
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        return (torch.randn(size, s.in_chans, s.image_size, s.image_size, device=self.device),
+                torch.randint(0, s.num_classes, (size,), device=self.device))
+
+    def probe(self, name: str) -> "_Probe":
+        """A ready probe; estimate sessions keep them (fake tensors cost nothing), others build afresh so
+        that two optimizers' tensors never share the measured device."""
+        if name in self._cached:
+            return self._cached[name]
+        probe = _Probe(self, name)
+        if self.method == "estimate":
+            self._cached[name] = probe
+        return probe
+
+    def release(self, probe: "_Probe") -> None:
+        if self._cached.get(probe.name) is not probe:
+            probe.close()
+
+
+class _Probe:
+    """One optimizer on its own model, its state created by one untracked step, ready to be measured."""
+
+    def __init__(self, session: _Session, name: str):
+        self.session, self.name, self.entry = session, name, get_entry(name)
+        hparams = {k: v for k, v in self.entry.defaults().items() if k != "title"}
+        if name == "adamw":
+            hparams["implementation"] = session.spec.adamw_impl
+        self.model = session.new_model()
+        with session.mode():
+            built = self.entry.build(self.model.parameters(), hparams, session.build_context)
+            self.optimizer, self.implementation = built.optimizer, built.implementation
+            self.entry.train_mode(self.optimizer)  # Schedule-Free raises in step() without it
+            if session.method == "cuda" or self.entry.hessian_due(self.optimizer):
+                # A full step: Sophia's first step is a Hessian step, which creates its `hessian` state and
+                # needs a graph; on CUDA it also warms up the allocator cache and cuBLAS workspaces.
+                self._step(*session.batch(session.warmup_batch))
+            else:
+                # The optimizer's own step creates the state; forward and backward would only supply
+                # gradients, and under FakeTensorMode they cost as much as the measured step.
+                for p in self.model.parameters():
+                    p.grad = torch.zeros_like(p)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        amp = autocast_for(self.session.device, self.session.spec.precision)
+        training_step(self.model, self.optimizer, self.entry, x, y, amp, self.entry.hessian_due(self.optimizer))
+
+    def measure(self, batch_size: int, hessian: bool) -> StepMemory:
+        entry, opt = self.entry, self.optimizer
+        with self.session.mode():
+            if hessian:
+                if entry.force_hessian_next is None:
+                    raise ValueError(f"{self.name} has no Hessian step")
+                entry.force_hessian_next(opt)
+            while entry.hessian_due(opt) and not hessian:
+                self._step(*self.session.batch(1))  # move past a due Hessian step, untracked
+            x, y = self.session.batch(batch_size)
+            allocator = _AllocatorPeaks(self.session.device, opt) if self.session.method == "cuda" else None
+            try:
+                phases = tracked_step_phases(self.model, opt, lambda: self._step(x, y), (x, y))
+            finally:
+                if allocator is not None:
+                    allocator.remove()
+            del x, y
+        return _step_memory("hessian" if hessian else "plain", batch_size, phases, allocator)
+
+    def state_bytes(self) -> tuple[int, int, int]:
+        """(exact state bytes, bytes from the known layout, parameter bytes)."""
+        params = list(self.model.parameters())
+        return (optimizer_state_storage_bytes(self.optimizer), state_layout_bytes(self.name, params),
+                sum(p.numel() * p.element_size() for p in params))
+
+    def close(self) -> None:
+        self.model = self.optimizer = None
+        gc.collect()
+        if self.session.method == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _AllocatorPeaks:
+    """CUDA allocator peaks of one step, read apart for forward/backward and for step() via the
+    optimizer's step hooks (the peak counter is reset when step() starts). Set up before the step."""
+
+    def __init__(self, device: torch.device, optimizer: torch.optim.Optimizer):
+        from optbench.measure import reset_cuda_peak
+
+        self.device = device
+        gc.collect()
+        reset_cuda_peak(device)
+        self.values: dict[str, int] = {}
+        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+
+    def _pre(self, opt, args, kwargs) -> None:
+        torch.cuda.synchronize(self.device)
+        self.values["forward_backward"] = int(torch.cuda.max_memory_allocated(self.device))
+        self.values["reserved_forward_backward"] = int(torch.cuda.max_memory_reserved(self.device))
+        self.values["step_entry"] = int(torch.cuda.memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _post(self, opt, args, kwargs) -> None:
+        torch.cuda.synchronize(self.device)
+        self.values["step"] = int(torch.cuda.max_memory_allocated(self.device))
+        self.values["reserved_step"] = int(torch.cuda.max_memory_reserved(self.device))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _step_memory(kind: str, batch_size: int, phases: dict[str, dict[str, int]],
+                 allocator: _AllocatorPeaks | None) -> StepMemory:
+    # Inside step() MemTracker books new tensors as optimizer state and may re-book old ones (Sophia's
+    # HVP outputs pass through gradient hooks), so at a step peak the parts are read at step entry and
+    # everything step() added is its temporaries: the parts still add up to the peak.
+    fb, entry, step = phases["forward_backward"], phases["step_entry"], phases["step"]
+    in_step = step["total"] >= fb["total"]
+    at = entry if in_step else fb
+    tracker_peak = max(fb["total"], step["total"])
+    out = StepMemory(
+        kind=kind, batch_size=batch_size, peak_bytes=tracker_peak,
+        peak_phase="step()" if in_step else "fwd/bwd",
+        params=at["params"] + at["buffers"], grads=at["grads"], optimizer_state=at["optimizer_state"],
+        activations=at["activations"], backward_temporaries=at["temporaries"],
+        step_temporaries=step["total"] - entry["total"] if in_step else 0, inputs=at["other"],
+        forward_backward_peak_bytes=fb["total"], step_entry_bytes=entry["total"], step_peak_bytes=step["total"],
+        params_grads_state_in_step=sum(entry[k] for k in ("params", "buffers", "grads", "optimizer_state")))
+    if allocator is not None:
+        v = allocator.values
+        peak = max(v["forward_backward"], v["step"])
+        out.peak_bytes, out.unattributed = peak, peak - tracker_peak
+        out.peak_phase = "step()" if v["step"] >= v["forward_backward"] else "fwd/bwd"
+        out.forward_backward_peak_bytes, out.step_entry_bytes = v["forward_backward"], v["step_entry"]
+        out.step_peak_bytes = v["step"]
+        out.allocator_reserved_bytes = max(v["reserved_forward_backward"], v["reserved_step"])
+    return out
+
+
+def _measure_optimizer(session: _Session, name: str, progress: Callable[[str], None]) -> OptimizerMemory:
+    started = time.perf_counter()
+    spec = session.spec
+    progress(f"{title_of(name)}: creating state, then measuring a step at batch {spec.batch_size}")
+    probe = session.probe(name)
+    try:
+        steps = [probe.measure(spec.batch_size, hessian=False)]
+        if probe.entry.force_hessian_next is not None:
+            progress(f"{title_of(name)}: measuring its Hessian step at batch {spec.batch_size}")
+            steps.append(probe.measure(spec.batch_size, hessian=True))
+        state, layout, param_bytes = probe.state_bytes()
+        implementation = dict(probe.implementation)
+    finally:
+        session.release(probe)
+    return OptimizerMemory(optimizer=name, title=title_of(name), implementation=implementation,
+                           param_count=spec.param_count, param_bytes=param_bytes, state_bytes=state,
+                           state_layout_bytes=layout, steps=steps, seconds=time.perf_counter() - started,
+                           peak_bytes=max(s.peak_bytes for s in steps))
+
+
+def _saving(baseline: int, other: int) -> float:
+    return 1.0 - other / baseline if baseline else 0.0
+
+
+def _batch_candidates(batch_size: int) -> list[int]:
+    """The requested batch size, then the powers of two below it, down to 1."""
+    out = [batch_size]
+    power = 1 << (batch_size.bit_length() - 1)
+    while power >= 1:
+        if power < batch_size:
+            out.append(power)
+        power //= 2
+    return out
+
+
+def _predicted_boundary(candidates: list[int], large: tuple[StepMemory, StepMemory],
+                        small: tuple[StepMemory, StepMemory], target: float) -> int:
+    """Index into `candidates` (descending batch sizes) of the largest batch size predicted to meet
+    `target`, interpolating each optimizer's forward/backward and step() peaks linearly in the batch size
+    between the measured ends. Only chooses what to measure next; never an answer."""
+    b_large, b_small = large[0].batch_size, small[0].batch_size
+
+    def peak(pair_large: StepMemory, pair_small: StepMemory, batch: int) -> float:
+        w = (batch - b_small) / (b_large - b_small)
+        return max(pair_small.forward_backward_peak_bytes
+                   + w * (pair_large.forward_backward_peak_bytes - pair_small.forward_backward_peak_bytes),
+                   pair_small.step_peak_bytes + w * (pair_large.step_peak_bytes - pair_small.step_peak_bytes))
+
+    for index, batch in enumerate(candidates[1:], start=1):
+        adamw, lion = peak(large[0], small[0], batch), peak(large[1], small[1], batch)
+        if _saving(int(adamw), int(lion)) >= target:
+            return index
+    return len(candidates) - 1
+
+
+def lion_verdict(spec: MemorySpec, session: _Session | None = None,
+                 known: dict[int, tuple[StepMemory, StepMemory]] | None = None,
+                 progress: Callable[[str], None] = lambda text: None,
+                 target: float = LION_TARGET_SAVING) -> LionVerdict:
+    """At which batch size does Lion's peak saving against AdamW reach `target`, or why can it not?
+
+    Evaluates plain training steps of AdamW (`spec.adamw_impl`) and Lion on `session` (default: a new
+    "cuda" session when `spec.method` is cuda, else "estimate", which allocates nothing). The saving only
+    grows as the batch shrinks (the state difference is fixed, activations grow with the batch), so it
+    checks the requested batch and batch 1 and bisects the powers of two between them: the answer is the
+    largest power of two (or the requested batch) that meets the target. `known` holds already measured
+    (AdamW, Lion) steps by batch size on the same method.
+    """
+    method = "cuda" if spec.method == "cuda" else "estimate"
+    if session is None or session.method != method:
+        session = _Session(spec, method)
+    measured: dict[int, tuple[StepMemory, StepMemory]] = dict(known or {})
+
+    def at(batch: int) -> SweepPoint:
+        if batch not in measured:
+            pair = []
+            for name in ("adamw", "lion"):
+                progress(f"Lion vs AdamW: {title_of(name)} at batch {batch} ({method})")
+                probe = session.probe(name)
+                try:
+                    pair.append(probe.measure(batch, hessian=False))
+                finally:
+                    session.release(probe)
+            measured[batch] = (pair[0], pair[1])
+        adamw, lion = measured[batch]
+        return SweepPoint(batch, adamw.peak_bytes, lion.peak_bytes, _saving(adamw.peak_bytes, lion.peak_bytes))
+
+    candidates = _batch_candidates(spec.batch_size)
+    first = at(candidates[0])
+    hit: int | None = 0 if first.saving >= target else None
+    if hit is None and len(candidates) > 1 and at(candidates[-1]).saving >= target:
+        miss, hit = 0, len(candidates) - 1  # saving below target at candidates[miss], above at [hit]
+        # Bisection, but first the boundary the two measured ends predict and its larger neighbour:
+        # usually those two measurements settle it (each costs two tracked steps).
+        guess = _predicted_boundary(candidates, measured[candidates[0]], measured[candidates[-1]], target)
+        pending = [guess, guess - 1]
+        while hit - miss > 1:
+            middle = next((i for i in pending if miss < i < hit), (hit + miss) // 2)
+            pending = [i for i in pending if i != middle]
+            if at(candidates[middle]).saving >= target:
+                hit = middle
+            else:
+                miss = middle
+    points = sorted((at(b) for b in measured), key=lambda p: -p.batch_size)
+
+    # Bounds from the smallest batch measured: weights, gradients and state are batch-independent.
+    adamw, lion = measured[min(measured)]
+    n = spec.param_count
+    base_adamw, base_lion = adamw.params_grads_state_in_step, lion.params_grads_state_in_step
+    bound = _saving(base_adamw, base_lion)
+    ceiling = _saving(base_adamw + adamw.step_own_temporaries, base_lion + lion.step_own_temporaries)
+    reached = hit is not None
+    batch = candidates[hit] if reached else None
+    message = _verdict_message(spec, reached, batch, points, bound, ceiling, base_adamw / n, base_lion / n,
+                               adamw.step_own_temporaries, target, method)
+    return LionVerdict(target=target, reached=reached, batch_size=batch, method=method, adamw_impl=spec.adamw_impl,
+                       points=points, bytes_per_param_adamw=base_adamw / n, bytes_per_param_lion=base_lion / n,
+                       bound_without_temporaries=bound, ceiling_with_temporaries=ceiling, message=message)
+
+
+def _verdict_message(spec: MemorySpec, reached: bool, batch: int | None, points: list[SweepPoint], bound: float,
+                     ceiling: float, per_param_adamw: float, per_param_lion: float, adamw_temporaries: int,
+                     target: float, method: str) -> str:
+    by_batch = {p.batch_size: p for p in points}
+    where = (f"{spec.model} at {spec.image_size}px, {spec.precision}"
+             + (" (autocast keeps weights, gradients and state in fp32)" if spec.precision == "bf16" else "")
+             + f", {method}")
+    against = f"AdamW ({spec.adamw_impl})"
+    held = (f"During step() AdamW holds {per_param_adamw:.1f} B/param (weights, gradients, state) and Lion "
+            f"{per_param_lion:.1f} B/param, so against an AdamW without temporaries in step() Lion saves at most "
+            f"{bound:.1%} of the peak")
+    if reached:
+        assert batch is not None
+        larger = [p for p in points if p.batch_size > batch]
+        text = f"Lion's peak saving vs {against} reaches {target:.0%} from batch size {batch} down for {where}: " \
+               f"{by_batch[batch].saving:.1%} at batch {batch}"
+        if larger:
+            text += f", {min(larger, key=lambda p: p.batch_size).saving:.1%} at batch " \
+                    f"{min(p.batch_size for p in larger)}"
+        elif batch == spec.batch_size:
+            text += " (the requested batch size; larger ones were not evaluated)"
+        text += "."
+        if bound < target:
+            text += (f" That is only because {against} allocates {_fmt(adamw_temporaries)} of temporaries inside "
+                     f"step(). {held}.")
+        return text
+    smallest = min(points, key=lambda p: p.batch_size)
+    text = f"Lion's peak saving vs {against} cannot reach {target:.0%} for {where}: " \
+           f"{by_batch[spec.batch_size].saving:.1%} at batch {spec.batch_size}"
+    if smallest.batch_size != spec.batch_size:
+        text += f", and even at batch {smallest.batch_size} only {smallest.saving:.1%}"
+    text += (f". {held}; with the implementations that ran the ceiling is {ceiling:.1%}; activations "
+             "shrink it further.")
+    return text
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "timm", "lion-pytorch", "pytorch-optimizer", "schedulefree"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def measure_memory(spec: MemorySpec, progress: Callable[[str], None] = lambda text: None,
+                   with_verdict: bool = True) -> MemoryReport:
+    """Measure (or estimate) one training step per optimizer of `spec`, then Lion's verdict.
+
+    Raises OptbenchError when the device runs out of memory (use method "estimate" then). "tracked"
+    allocates the full peak in RAM; "estimate" allocates nothing.
+    """
+    started = time.perf_counter()
+    session = _Session(spec, spec.method)
+    try:
+        results = [_measure_optimizer(session, name, progress) for name in spec.optimizers]
+        baseline = results[0]  # resolve_spec puts AdamW first
+        for result in results:
+            result.saving_vs_adamw = _saving(baseline.peak_bytes, result.peak_bytes)
+            result.state_saving_vs_adamw = _saving(baseline.state_bytes, result.state_bytes)
+        verdict = None
+        if with_verdict:
+            known = {}
+            if spec.method != "tracked" and "lion" in spec.optimizers:
+                lion = next(r for r in results if r.optimizer == "lion")
+                known[spec.batch_size] = (baseline.steps[0], lion.steps[0])
+            verdict = lion_verdict(spec, session, known, progress)
+    except torch.OutOfMemoryError as exc:
+        raise OptbenchError(f"out of memory measuring {spec.model} at batch {spec.batch_size} ({spec.method}): "
+                            f"{str(exc).splitlines()[0]}; --method estimate allocates nothing") from None
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):
+            raise
+        raise OptbenchError(f"out of RAM measuring {spec.model} at batch {spec.batch_size} on the CPU: "
+                            "--method estimate allocates nothing") from None
+
+    adamw_temporaries = baseline.steps[0].step_own_temporaries
+    notes = [f"Savings are against AdamW ({spec.adamw_impl}), which allocates {_fmt(adamw_temporaries)} inside step() "
+             f"({adamw_temporaries / max(baseline.param_bytes, 1):.2f}x its weights; foreach ~1x, fused and forloop "
+             "~0): choose with --adamw-impl."]
+    for result in results:
+        if result.state_bytes != result.state_layout_bytes:
+            notes.append(f"{result.title}: state {result.state_bytes:,} B differs from its known layout "
+                         f"({result.state_layout_bytes:,} B): the library changed what it keeps.")
+        if len(result.steps) > 1:
+            notes.append(f"{result.title}: its peak is the larger of a plain step and a Hessian step "
+                         "(create_graph backward with math attention, Hessian-vector product inside step()).")
+    return MemoryReport(spec=spec, method_label=METHOD_LABELS[spec.method], device=str(session.device),
+                        versions=_versions(), results=results, verdict=verdict,
+                        seconds=time.perf_counter() - started, notes=notes)
+
+
+def write_json(report: MemoryReport, path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    except OSError as exc:
+        raise OptbenchError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+
+def _fmt(value: int | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 2**30:
+        return f"{value / 2**30:,.2f} GiB"
+    return f"{value / 2**20:,.1f} MiB"
+
+
+def _saving_text(saving: float | None) -> str:
+    """'-12.3%' when the optimizer needs 12.3% less than AdamW, '+4.0%' when more."""
+    if saving is None:
+        return "-"
+    return "±0.0%" if abs(saving) < 5e-4 else f"{-saving:+.1%}"
+
+
+_TABLE_ROWS: tuple[tuple[str, str], ...] = (
+    ("Peak", "peak_bytes"), ("  reached in", "peak_phase"), ("Parameters", "params"), ("Gradients", "grads"),
+    ("Optimizer state", "optimizer_state"), ("Activations", "activations"),
+    ("Backward temporaries", "backward_temporaries"), ("step() temporaries", "step_temporaries"),
+    ("Input batch", "inputs"),
+)
+
+
+def render_report(report: MemoryReport, console) -> None:
+    """Print one column per optimizer (Sophia: plain and Hessian step), the batch sizes behind Lion's
+    verdict, the verdict line and the notes. Byte columns share one unit, given in the title."""
+    from rich import box
+    from rich.table import Table
+
+    spec = report.spec
+    unit, scale = ("GiB", 2**30) if report.results[0].peak_bytes >= 2**30 else ("MiB", 2**20)
+    table = Table(title=f"Training-step memory ({unit}): {spec.model}, {spec.param_count:,} parameters, "
+                        f"{spec.image_size}px / patch {spec.patch_size} ({spec.tokens} tokens), "
+                        f"batch {spec.batch_size}, {spec.precision}",
+                  caption=report.method_label, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("", no_wrap=True)
+    columns: list[tuple[OptimizerMemory, StepMemory]] = []
+    for result in report.results:
+        for step in result.steps:
+            label = result.implementation.get("code_path", "") if len(result.steps) == 1 else f"{step.kind} step"
+            table.add_column(f"{result.title.split(' (')[0]}\n{label}", justify="right")
+            columns.append((result, step))
+    rows = list(_TABLE_ROWS)
+    if spec.method == "cuda":
+        rows += [("Allocator excess", "unattributed"), ("Reserved (cache incl.)", "allocator_reserved_bytes")]
+    for label, attribute in rows:
+        cells = []
+        for _, step in columns:
+            value = getattr(step, attribute)
+            cells.append(value if isinstance(value, str) else "-" if value is None else f"{value / scale:,.2f}")
+        table.add_row(label, *cells)
+    for label, attribute in (("Peak vs AdamW", "saving_vs_adamw"), ("State vs AdamW", "state_saving_vs_adamw")):
+        cells = []
+        for result, step in columns:
+            # A saving is about the optimizer's peak: for Sophia that is its Hessian step.
+            sets_peak = step.peak_bytes == result.peak_bytes and step is max(result.steps, key=lambda s: s.peak_bytes)
+            cells.append("baseline" if result.optimizer == BASELINE
+                         else _saving_text(getattr(result, attribute)) if sets_peak else "")
+        table.add_row(label, *cells, style="bold" if label.startswith("Peak") else None)
+    console.print(table)
+
+    verdict = report.verdict
+    if verdict is not None:
+        sweep = Table(title=f"Lion vs AdamW ({verdict.adamw_impl}) by batch size, {verdict.method}",
+                      title_justify="left", box=box.SIMPLE_HEAD)
+        for name in ("Batch", "AdamW peak", "Lion peak", "Lion vs AdamW"):
+            sweep.add_column(name, justify="right")
+        for point in verdict.points:
+            sweep.add_row(str(point.batch_size), _fmt(point.adamw_peak_bytes), _fmt(point.lion_peak_bytes),
+                          _saving_text(point.saving))
+        console.print(sweep)
+        console.print(f"[bold]{verdict.message}[/bold]", soft_wrap=True)
+    for note in report.notes:
+        console.print(f"[dim]{note}[/dim]", soft_wrap=True)
+    console.print(f"[dim]Took {report.seconds:.1f}s. {', '.join(f'{k} {v}' for k, v in report.versions.items())}"
+                  "[/dim]", soft_wrap=True)

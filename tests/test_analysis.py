@@ -1,0 +1,167 @@
+"""Analysis and report on hand-written run records: no training, milliseconds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from optbench.analysis import (AnalysisError, accuracy_criterion, memory_criterion, select_workload, summary_table,
+                               time_to_target)
+from optbench.cli import app
+from optbench.report import build_report
+
+MiB = 2**20
+
+
+def make_record(optimizer: str, seed: int = 0, acc: float | None = 0.5, time_s: float = 100.0,
+                peak: int = 1000 * MiB, state: int = 40 * MiB, status: str = "ok", epochs: int = 3,
+                curve: list[float] | None = None, **config_changes) -> dict:
+    """A run record as `optbench run` writes it, with only the fields analysis reads."""
+    config = {"dataset": "cifar100", "model": "vit_tiny_patch16_224", "patch_size": None, "depth": None,
+              "epochs": epochs, "batch_size": 128, "subset": None, "test_subset": None, "augment": True,
+              "warmup_steps": 500, "device": "cuda", "precision": "bf16", "compile": False, "seed": seed,
+              "hparams": {"lr": 1e-3}}
+    config.update(config_changes)
+    curve = curve or [acc * (i + 1) / epochs if acc else 0.1 for i in range(epochs)]
+    history = [{"epoch": i + 1, "train_loss": 2.0 / (i + 1), "test_loss": 2.0, "test_acc": a,
+                "train_time_s": time_s * (i + 1) / epochs, "steps": 100 * (i + 1)} for i, a in enumerate(curve)]
+    return {
+        "optimizer": optimizer, "status": status, "config": config,
+        "config_hash": f"{optimizer}-{seed}-{json.dumps(config_changes, sort_keys=True)}",
+        "final_test_acc": acc if status == "ok" else None, "train_wall_time_s": time_s,
+        "peak_memory_bytes": peak, "peak_memory_source": "torch.cuda.max_memory_allocated (whole training)",
+        "optimizer_state_bytes": state, "throughput_images_per_s": 1000.0, "param_bytes": 20 * MiB,
+        "dataset_device_bytes": 150 * MiB,
+        "memory_breakdown": {"plain_step": {"params": 20 * MiB, "grads": 20 * MiB, "optimizer_state": state,
+                                            "activations": peak - 80 * MiB, "total": peak}},
+        "history": history if status in ("ok", "diverged") else history[:1],
+        "finished_at": f"2026-11-22T00:00:0{seed}Z", "status_detail": "",
+    }
+
+
+def four(seed: int = 0, accs=(0.50, 0.48, 0.47, 0.52)) -> list[dict]:
+    return [make_record("adamw", seed, accs[0], 100.0, 1265 * MiB, 40 * MiB),
+            make_record("lion", seed, accs[1], 95.0, 1245 * MiB, 20 * MiB),
+            make_record("sophia", seed, accs[2], 130.0, 2500 * MiB, 60 * MiB),
+            make_record("schedulefree", seed, accs[3], 101.0, 1266 * MiB, 40 * MiB)]
+
+
+def test_table_relative_figures_recompute_from_records():
+    df = summary_table(four()).set_index("optimizer")
+    assert df.loc["lion", "acc_diff"] == pytest.approx(0.48 - 0.50)
+    assert df.loc["lion", "time_ratio"] == pytest.approx(95 / 100)
+    assert df.loc["lion", "peak_saving"] == pytest.approx(1 - 1245 / 1265)
+    assert df.loc["lion", "state_saving"] == pytest.approx(0.5)
+    assert df.loc["sophia", "state_saving"] == pytest.approx(-0.5)
+    assert list(df.index) == ["adamw", "lion", "sophia", "schedulefree"]
+
+
+def test_memory_criterion_fails_on_peak_and_explains_from_breakdown():
+    verdict = memory_criterion(four())
+    assert verdict.passed is False
+    assert verdict.figures["peak_saving"] == pytest.approx(1 - 1245 / 1265)
+    assert verdict.figures["state_saving"] == pytest.approx(0.5)
+    text = " ".join(verdict.details)
+    # ceiling = (40 - 20) / (2 * 20 + 40) = 25% from the records' own param_bytes and state bytes
+    assert "25.0%" in text
+    assert "activations" in text and "dataset kept on the GPU" in text
+
+
+def test_memory_criterion_passes_when_the_measurement_says_so():
+    records = [make_record("adamw", peak=100 * MiB, state=60 * MiB), make_record("lion", peak=65 * MiB, state=30 * MiB)]
+    verdict = memory_criterion(records)
+    assert verdict.passed is True and verdict.figures["peak_saving"] == pytest.approx(0.35)
+
+
+def test_memory_criterion_undecided_without_lion():
+    verdict = memory_criterion([make_record("adamw")])
+    assert verdict.passed is None and "lion" in verdict.summary
+
+
+def test_accuracy_criterion_single_seed_uses_margin():
+    verdict = accuracy_criterion(four(accs=(0.50, 0.495, 0.40, 0.45)), margin=0.01)
+    assert verdict.passed is True and verdict.figures["matched"] == ["lion"]
+    verdict = accuracy_criterion(four(accs=(0.50, 0.485, 0.40, 0.45)), margin=0.01)
+    assert verdict.passed is False
+    assert "single seed" in verdict.details[0]
+
+
+def test_accuracy_criterion_several_seeds_uses_welch_lower_bound():
+    from scipy import stats
+
+    records = []
+    adamw_accs, sf_accs = [0.50, 0.52, 0.51], [0.515, 0.52, 0.53]
+    for seed, (a, s) in enumerate(zip(adamw_accs, sf_accs)):
+        records += [make_record("adamw", seed, a), make_record("schedulefree", seed, s)]
+    verdict = accuracy_criterion(records, margin=0.01)
+    fig = verdict.figures["schedulefree"]
+    # Recompute the bound by hand: mean difference minus t(0.95, Welch dof) * standard error.
+    va, vb = stats.tvar(sf_accs) / 3, stats.tvar(adamw_accs) / 3
+    dof = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    expected = (sum(sf_accs) - sum(adamw_accs)) / 3 - stats.t.ppf(0.95, dof) * math.sqrt(va + vb)
+    assert fig["lower_bound"] == pytest.approx(expected)
+    assert expected > -0.01 and verdict.passed is True
+    assert "lower bound" in verdict.details[0]
+
+
+def test_time_to_target_from_history():
+    records = [make_record("adamw", acc=0.6, curve=[0.2, 0.4, 0.6]),
+               make_record("schedulefree", acc=0.7, curve=[0.3, 0.65, 0.7]),
+               make_record("lion", acc=0.5, curve=[0.2, 0.4, 0.5])]
+    ttt = time_to_target(records).set_index("optimizer")
+    assert ttt.loc["schedulefree", "epoch_mean"] == 2
+    assert ttt.loc["schedulefree", "time_mean"] == pytest.approx(100 * 2 / 3)
+    assert ttt.loc["adamw", "epoch_mean"] == 3
+    assert ttt.loc["lion", "reached"] == 0
+
+
+def test_mixing_workloads_is_refused():
+    records = four() + [make_record("adamw", epochs=10)]
+    with pytest.raises(AnalysisError, match="different workloads"):
+        select_workload(records)
+
+
+def test_two_settings_of_one_optimizer_are_refused():
+    records = four() + [make_record("lion", hparams={"lr": 3e-4}, seed=1)]
+    records[-1]["config"]["hparams"] = {"lr": 3e-4}
+    with pytest.raises(AnalysisError, match="different hyperparameters"):
+        select_workload(records)
+
+
+def test_report_renders_lost_diverged_missing_runs(tmp_path: Path):
+    records = [make_record("adamw", 0, 0.5), make_record("lion", 0, None, status="diverged"),
+               make_record("schedulefree", 0, 0.55)]
+    records[1]["status_detail"] = "non-finite loss at step 17"
+    report = build_report(records, tmp_path, expected_optimizers=["adamw", "lion", "sophia", "schedulefree"])
+    assert report.verdicts[0].passed is None  # no finished Lion run: cannot be decided
+    assert report.verdicts[1].passed is True
+    assert any("sophia: no record" in n for n in report.notes)
+    assert any("diverged" in n and "step 17" in n for n in report.notes)
+    lion = report.table.set_index("optimizer").loc["lion"]
+    assert lion["diverged"] == 1 and lion["ok"] == 0
+    names = {p.name for p in report.files}
+    assert any(n.endswith(".csv") for n in names) and any(n.endswith("-curves.png") for n in names)
+
+
+def test_report_command_on_records_dir_with_a_broken_file(tmp_path: Path):
+    for i, rec in enumerate(four()):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(rec))
+    (tmp_path / "broken.json").write_text('{"optimizer": "adamw", "sta')  # truncated
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "broken.json" in result.output and "skipped" in result.output
+    assert "FAIL" in result.output and "Lion saves" in result.output
+    strict = CliRunner().invoke(app, ["report", str(tmp_path), "--strict"])
+    assert strict.exit_code == 4
+
+
+def test_report_on_empty_or_missing_dir_is_a_clean_error(tmp_path: Path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "no run records" in result.output
+    assert "Traceback" not in result.output
