@@ -114,18 +114,32 @@ def memory_probe(model: torch.nn.Module,
     not survive deepcopy: torch pickles only their state and groups). The first step creates the
     optimizer state (all four optimizers allocate it lazily), so it runs untracked; the second, a plain
     step with state present, is tracked. `train_step` decides itself whether a step is a Hessian step,
-    as in training. With `force_hessian` (Sophia) one more step is made a Hessian step and tracked apart: it sets Sophia's peak. The copies are thrown away, so the real run's
-    weights, state and random streams are untouched.
+    as in training. With `force_hessian` (Sophia) one more step is made a Hessian step and tracked
+    apart: it sets Sophia's peak. The copies are thrown away, so the real run's weights, state and
+    random streams are untouched.
+
+    Trap: MemTracker files every tensor allocated inside `optimizer.step()` as optimizer state. For
+    SophiaH that includes the Hutchinson Hessian-vector product, which runs inside `step()`. So each
+    breakdown keeps `optimizer_state` at the optimizer's exact state bytes (counted from its state
+    tensors after the step) and books the rest of what MemTracker filed there as `inside_step`.
     """
     probe_model = copy.deepcopy(model)
     probe_opt = build_optimizer(probe_model)
     train_step(probe_model, probe_opt)
     result: dict[str, Any] = {"source": "torch MemTracker: tensor memory of one training step, on a copy"}
-    result["plain_step"] = _tracked_step(probe_model, probe_opt, lambda: train_step(probe_model, probe_opt))
+
+    def tracked() -> dict[str, int]:
+        parts = _tracked_step(probe_model, probe_opt, lambda: train_step(probe_model, probe_opt))
+        exact_state = optimizer_state_bytes(probe_opt)
+        filed_as_state = parts.get("optimizer_state", 0)
+        if filed_as_state > exact_state:
+            parts["optimizer_state"], parts["inside_step"] = exact_state, filed_as_state - exact_state
+        return parts
+
+    result["plain_step"] = tracked()
     if force_hessian is not None:
         force_hessian(probe_opt)
-        result["hessian_step"] = _tracked_step(probe_model, probe_opt,
-                                               lambda: train_step(probe_model, probe_opt))
+        result["hessian_step"] = tracked()
     result["peak_bytes"] = max(v["total"] for k, v in result.items() if k.endswith("_step"))
     del probe_model, probe_opt
     return result

@@ -15,8 +15,8 @@ from optbench.analysis import optimizer_order  # noqa: E402
 from optbench.optimizers import title_of  # noqa: E402
 
 COLORS = {"adamw": "#1f77b4", "lion": "#d62728", "sophia": "#2ca02c", "schedulefree": "#9467bd"}
-PARTS = ("params", "grads", "optimizer_state", "activations", "temporaries", "buffers", "other")
-PART_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#999999")
+PARTS = ("params", "grads", "optimizer_state", "inside_step", "activations", "temporaries", "buffers", "other")
+PART_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b2", "#ccb974", "#64b5cd", "#999999")
 
 
 def _by_optimizer(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -78,13 +78,15 @@ def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path 
                 bars.append((title_of(opt) + suffix, breakdown[step_key], cuda_peak))
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.6 * len(bars)))
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.6 * len(bars)))
     y = np.arange(len(bars))
     left = np.zeros(len(bars))
     for part, color in zip(PARTS, PART_COLORS):
         widths = np.array([b[1].get(part, 0) / 2**20 for b in bars])
         if widths.any():
-            ax.barh(y, widths, left=left, color=color, label=part.replace("_", " "))
+            label = "allocated inside step() (e.g. Hessian-vector product)" if part == "inside_step" \
+                else part.replace("_", " ")
+            ax.barh(y, widths, left=left, color=color, label=label)
             left += widths
     for i, (_, _, cuda_peak) in enumerate(bars):
         if cuda_peak:
@@ -93,7 +95,7 @@ def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path 
     ax.set_yticks(y, [b[0] for b in bars])
     ax.invert_yaxis()
     ax.set_xlabel("MiB (tensor memory at the step's peak, torch MemTracker)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
