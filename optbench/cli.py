@@ -97,7 +97,7 @@ def run(
             record, path = run_experiment(config, reporter, resume=resume)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
-    console.print(run_summary(record, path))
+    console.print(run_summary(record, path), soft_wrap=True)
     if record["status"] == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
     if record["status"] != "ok":

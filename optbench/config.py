@@ -108,9 +108,15 @@ def optimizer_defaults(name: str) -> dict[str, Any]:
 def parse_value(text: str) -> Any:
     """A command-line value as YAML would read it: 0.01 -> float, true -> bool, [0.9,0.99] -> list."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as text; a user means the number
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 _INT_FIELDS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "warmup_steps": 0, "log_every": 1}
@@ -171,7 +177,7 @@ def resolve_config(
     hparams = dict(entry.defaults())
     for key, value in (hparam_overrides or {}).items():
         if key not in hparams and key not in entry.extra_hparams:
-            allowed = sorted(set(hparams) | set(entry.extra_hparams) - {"title"})
+            allowed = sorted((set(hparams) | set(entry.extra_hparams)) - {"title"})
             raise ConfigError(f"{optimizer} has no hyperparameter '{key}': choose from {', '.join(allowed)}")
         hparams[key] = value
     if isinstance(hparams.get("betas"), tuple):

@@ -40,10 +40,10 @@ class RichReporter:
 
     def phase(self, text: str) -> None:
         if not self.quiet:
-            console.print(f"[dim]{self.label}: {text}[/dim]")
+            console.print(f"[dim]{self.label}: {text}[/dim]", soft_wrap=True)
 
     def warn(self, text: str) -> None:
-        console.print(f"[yellow]warning:[/yellow] {text}")  # warnings show even with --quiet
+        console.print(f"[yellow]warning:[/yellow] {text}", soft_wrap=True)  # shown even with --quiet
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         if self._progress is None:
@@ -62,7 +62,7 @@ class RichReporter:
         if not self.quiet:
             console.print(f"{self.label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}  "
                           f"test loss {row['test_loss']:.4f}  test acc {row['test_acc']:.2%}  "
-                          f"train time {row['train_time_s']:.1f}s")
+                          f"train time {row['train_time_s']:.1f}s", soft_wrap=True)
 
 
 def run_summary(record: dict[str, Any], path: Any) -> str:

@@ -1,0 +1,181 @@
+"""Run records: complete, written atomically under a new name every time, loaded defensively."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from optbench.config import RunConfig
+from optbench.errors import RecordError
+from optbench.records import (ensure_writable, find_finished, load_records, record_filename, write_record)
+
+from conftest import OPTIMIZERS
+
+RECORD_FIELDS = ("optimizer", "status", "final_test_acc", "train_wall_time_s", "peak_memory_bytes",
+                 "peak_memory_source", "optimizer_state_bytes", "param_count", "epochs_completed", "history",
+                 "hessian_updates", "config", "environment")
+HISTORY_FIELDS = ("train_loss", "test_loss", "test_acc", "train_time_s")
+
+
+def minimal_record(**changes):
+    record = {"optimizer": "adamw", "status": "ok", "config_hash": "0123456789ab", "final_test_acc": 0.5,
+              "config": {"dataset": "digits", "seed": 0}, "started_at": "2026-01-01T00:00:00Z",
+              "finished_at": "2026-01-01T00:01:00Z", "history": []}
+    record.update(changes)
+    return record
+
+
+# --- what a real run writes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_real_record_holds_every_field_of_the_run_contract(matched_runs, name):
+    run = matched_runs[name]
+    on_disk = json.loads(run.path.read_text())
+    for key in RECORD_FIELDS:
+        assert key in on_disk, key
+    assert on_disk["optimizer"] == name and on_disk["status"] == "ok"
+    assert on_disk["epochs_completed"] == len(on_disk["history"]) == 2
+    for row in on_disk["history"]:
+        for key in HISTORY_FIELDS:
+            assert isinstance(row[key], float), key
+    assert isinstance(on_disk["peak_memory_bytes"], int) and on_disk["peak_memory_bytes"] > 0
+    assert isinstance(on_disk["peak_memory_source"], str) and on_disk["peak_memory_source"]
+    assert on_disk["optimizer_state_bytes"] > 0 and on_disk["param_count"] > 0
+    assert on_disk["train_wall_time_s"] > 0
+    assert on_disk["final_test_acc"] == on_disk["history"][-1]["test_acc"]
+    # The config is the full resolved RunConfig (device resolved from auto), and identifies the run.
+    assert set(on_disk["config"]) == set(RunConfig.__dataclass_fields__)
+    assert on_disk["config"]["optimizer"] == name and on_disk["config"]["device"] == "cpu"
+    env = on_disk["environment"]
+    assert env["device"] == "cpu" and env["python"] and env["optbench"]
+    for package in ("torch", "timm", "schedulefree", "lion-pytorch", "pytorch-optimizer"):
+        assert env["packages"][package], package
+    assert on_disk["optimizer_implementation"]["class"]
+
+
+def test_real_record_accuracies_are_fractions(matched_runs):
+    for run in matched_runs.values():
+        rec = run.record
+        assert 0.0 <= rec["final_test_acc"] <= 1.0
+        assert all(0.0 <= row["test_acc"] <= 1.0 for row in rec["history"])
+        n_test = rec["dataset"]["test_images"]
+        assert all(abs(row["test_acc"] * n_test - round(row["test_acc"] * n_test)) < 1e-6 for row in rec["history"])
+
+
+def test_real_records_load_back_from_their_directory(matched_runs):
+    directory = matched_runs["adamw"].path.parent
+    loaded = load_records(directory)
+    assert loaded.problems == []
+    assert sorted(r["optimizer"] for r in loaded.records) == sorted(["adamw", "adamw", "lion", "sophia",
+                                                                     "schedulefree"])
+    by_path = {r["_path"]: r for r in loaded.records}
+    sophia = matched_runs["sophia"]
+    assert by_path[str(sophia.path)]["hessian_updates"] == sophia.record["hessian_updates"]
+    assert find_finished(directory, sophia.record["config_hash"])["optimizer"] == "sophia"
+    assert find_finished(directory, "ffffffffffff") is None
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def test_writing_the_same_record_twice_gives_two_files(tmp_path):
+    record = minimal_record()
+    first = write_record(tmp_path, record)
+    second = write_record(tmp_path, record)
+    assert first != second and first.exists() and second.exists()
+    assert first.name == record_filename(record)
+    assert json.loads(first.read_text()) == json.loads(second.read_text()) == record
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])  # no temp files left
+
+
+def test_an_existing_file_under_the_records_name_is_never_replaced(tmp_path):
+    record = minimal_record()
+    squatter = tmp_path / record_filename(record)
+    squatter.write_text("somebody else's file")
+    path = write_record(tmp_path, record)
+    assert path != squatter
+    assert squatter.read_text() == "somebody else's file"
+    assert json.loads(path.read_text())["optimizer"] == "adamw"
+
+
+def test_a_failed_write_leaves_no_partial_record(tmp_path, monkeypatch):
+    """Atomic: the record appears complete under its name or not at all."""
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(RecordError, match="could not write run record.*No space left"):
+        write_record(tmp_path, minimal_record())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    record = minimal_record(status="diverged", final_test_acc=None,
+                            history=[{"epoch": 1, "train_loss": float("inf"), "test_loss": float("nan"),
+                                      "test_acc": 0.1, "train_time_s": 0.5}])
+    original = copy.deepcopy(record)
+    path = write_record(tmp_path, record)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    row = json.loads(text)["history"][0]
+    assert row["train_loss"] is None and row["test_loss"] is None and row["test_acc"] == 0.1
+    assert record["history"][0]["test_acc"] == original["history"][0]["test_acc"]  # caller's dict untouched
+    assert load_records(tmp_path).problems == []
+
+
+def test_unwritable_results_directory_is_a_record_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(RecordError, match="cannot write to results directory"):
+        ensure_writable(blocker / "results")
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def test_a_truncated_record_is_skipped_with_a_message(tmp_path):
+    good = write_record(tmp_path, minimal_record())
+    text = good.read_text()
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(text[: len(text) // 2])
+    loaded = load_records(tmp_path)
+    assert [r["_path"] for r in loaded.records] == [str(good)]
+    assert len(loaded.problems) == 1
+    assert loaded.problems[0].startswith("truncated.json: unreadable") and "skipped" in loaded.problems[0]
+
+
+@pytest.mark.parametrize("content,problem", [
+    ([1, 2], "not a run record"),
+    ({"optimizer": "adamw"}, "missing status, config, config_hash"),
+    (minimal_record(status="exploded"), "unknown status 'exploded'"),
+    (minimal_record(final_test_acc=57.5), "final_test_acc 57.5 is not a fraction in [0, 1]"),
+    (minimal_record(final_test_acc=-0.1), "is not a fraction"),
+    (minimal_record(config="digits"), "config is not an object"),
+])
+def test_records_that_break_the_contract_are_skipped_with_a_message(tmp_path, content, problem):
+    (tmp_path / "bad.json").write_text(json.dumps(content))
+    write_record(tmp_path, minimal_record())
+    loaded = load_records(tmp_path)
+    assert len(loaded.records) == 1
+    assert len(loaded.problems) == 1 and loaded.problems[0].startswith("bad.json: ")
+    assert problem in loaded.problems[0]
+
+
+def test_loading_a_missing_directory_is_a_record_error(tmp_path):
+    with pytest.raises(RecordError, match="does not exist"):
+        load_records(tmp_path / "never-made")
+
+
+def test_find_finished_takes_the_newest_completed_run(tmp_path):
+    write_record(tmp_path, minimal_record(finished_at="2026-01-01T00:01:00Z", final_test_acc=0.1))
+    write_record(tmp_path, minimal_record(finished_at="2026-01-02T00:01:00Z", final_test_acc=0.2))
+    write_record(tmp_path, minimal_record(finished_at="2026-01-03T00:01:00Z", status="interrupted",
+                                          final_test_acc=None))
+    found = find_finished(tmp_path, "0123456789ab")
+    assert found["final_test_acc"] == 0.2
+    assert Path(found["_path"]).exists()
