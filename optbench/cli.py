@@ -69,7 +69,7 @@ def run(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model"),
     data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets (default ./data)"),
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
-    results_dir: Optional[str] = typer.Option(None, help="where run records go (default ./results)"),
+    results_dir: Optional[str] = typer.Option(None, help="where run records go (default results/PRESET)"),
     resume: bool = typer.Option(False, "--resume", help="continue this run from its checkpoint, if it has one"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config as JSON and stop"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output (warnings and errors only)"),
@@ -88,7 +88,7 @@ def run(
         config = resolve_config(optimizer, preset, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, seed=seed, subset=subset,
             test_subset=test_subset, depth=depth, device=device, precision=precision, compile=compile,
-            data_dir=data_dir, download=download, results_dir=results_dir), hparams)
+            data_dir=data_dir, download=download, results_dir=results_dir or f"results/{preset}"), hparams)
         if dry_run:
             config = resolve_runtime(config)
             typer.echo(json.dumps({"config_hash": config.config_hash, **config.to_dict()}, indent=2))

@@ -39,7 +39,7 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
                                          config.test_subset)
         try:
             with make_reporter(config) as reporter:
-                record, path = run_experiment(config, reporter, data=datasets[key], resume=True)
+                record, path = run_experiment(config, reporter, data=datasets[key], resume=not rerun)
         except RunBusy as exc:
             announce(f"{label}: skipped, {exc}")
             continue

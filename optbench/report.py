@@ -10,6 +10,7 @@ import pandas as pd
 
 from optbench.analysis import (DEFAULT_MARGIN, Verdict, accuracy_criterion, memory_criterion, missing_runs,
                                select_workload, summary_table, time_to_target, workload_id, workload_label)
+from optbench.errors import RecordError
 from optbench.render import display_table, markdown_report, write_tables
 
 
@@ -45,14 +46,24 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
     display = display_table(table)
     report = Report(title, wid, table, display, ttt, verdicts, sources, notes)
     if out_dir is not None:
-        stem = f"comparison-{wid}"
-        report.files += write_tables(out_dir, stem, table, markdown_report(title, display, sources, ttt, verdicts,
-                                                                           notes))
-        if plots:
-            from optbench.plots import learning_curves, memory_chart
-
-            for path in (learning_curves(selection.records, out_dir / f"{stem}-curves.png", title),
-                         memory_chart(selection.records, out_dir / f"{stem}-memory.png", title)):
-                if path is not None:
-                    report.files.append(path)
+        try:
+            _write_files(report, selection.records, out_dir, title, plots)
+        except OSError as exc:
+            raise RecordError(f"cannot write the report files to {out_dir} ({exc.strerror or exc}): "
+                              "choose a writable folder with --out") from None
     return report
+
+
+def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, title: str, plots: bool) -> None:
+    """CSV (raw numbers), Markdown (the rendered report) and PNG figures, named by workload id."""
+    stem = f"comparison-{report.workload_id}"
+    markdown = markdown_report(title, report.display, report.sources, report.time_to_target, report.verdicts,
+                               report.notes)
+    report.files += write_tables(out_dir, stem, report.table, markdown)
+    if plots:
+        from optbench.plots import learning_curves, memory_chart
+
+        for path in (learning_curves(records, out_dir / f"{stem}-curves.png", title),
+                     memory_chart(records, out_dir / f"{stem}-memory.png", title)):
+            if path is not None:
+                report.files.append(path)

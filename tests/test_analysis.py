@@ -165,3 +165,13 @@ def test_report_on_empty_or_missing_dir_is_a_clean_error(tmp_path: Path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "no run records" in result.output
     assert "Traceback" not in result.output
+
+
+def test_report_to_an_unwritable_folder_is_a_clean_error(tmp_path: Path):
+    for i, rec in enumerate(four()):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(rec))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(blocker / "out")])
+    assert result.exit_code == 1 and "cannot write the report files" in result.output
+    assert "Traceback" not in result.output
