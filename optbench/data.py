@@ -66,7 +66,10 @@ class ImageData:
         return sum(t.nbytes for t in (self.train_x, self.train_y, self.test_x, self.test_y))
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        x = images_uint8.float().div_(255.0)
+        x = images_uint8.float()
+        if x is images_uint8:  # already float: never scale the caller's tensor in place
+            x = x.clone()
+        x = x.div_(255.0)
         return x.sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
 
 

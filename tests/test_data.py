@@ -271,3 +271,26 @@ def test_augmented_batches_are_seeded_and_differ_from_plain_ones(synthetic_data)
 def test_digits_spec_has_no_augmentation_to_do():
     spec = SPECS["digits"]
     assert spec.crop_padding == 0 and spec.flip is False and spec.patch_size == 2
+
+
+def test_batch_order_is_pinned():
+    """Golden values: the batch order and augmentation draws for a seed must not change between versions
+    of optbench (or results stop being comparable with earlier records)."""
+    from optbench.data import epoch_plan
+
+    assert epoch_plan(1437, 0, 1, 0, False, "cpu").order[:8].tolist() == [364, 396, 531, 839, 1181, 1358, 494, 1218]
+    plan = epoch_plan(50000, 3, 7, 4, True, "cpu")
+    assert plan.order[:5].tolist() == [20364, 6028, 34635, 34320, 2200]
+    assert plan.shift_x[:5].tolist() == [4, 6, 8, 8, 6]
+
+
+def test_normalize_leaves_a_float_input_untouched():
+    import torch
+
+    from optbench.data import load_dataset
+
+    data = load_dataset("synthetic")
+    images = data.train_x[:4].float()
+    before = images.clone()
+    data.normalize(images)
+    assert torch.equal(images, before)
