@@ -236,9 +236,11 @@ def memory(
     from rich.console import Console
 
     from optbench.console import console
-    from optbench.memory import measure_memory, render_report, resolve_spec, write_json
+    from optbench.memory import check_json_path, measure_memory, render_report, resolve_spec, write_json
 
     try:
+        if json_path is not None:
+            check_json_path(json_path)
         spec = resolve_spec(model, batch_size, image_size=image_size, precision=precision, method=method,
                             adamw_impl=adamw_impl, optimizers=_csv_list(optimizers, "--optimizers"),
                             num_classes=num_classes, patch_size=patch_size)

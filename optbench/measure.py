@@ -59,18 +59,6 @@ class Stopwatch:
             self.stop()
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Exact bytes held by tensors in the optimizer's per-parameter state (0 before the first step)."""
-    total = 0
-    seen: set[int] = set()
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and value.data_ptr() not in seen:
-                seen.add(value.data_ptr())
-                total += value.nbytes
-    return total
-
-
 def reset_cuda_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -158,12 +146,11 @@ def training_flops_per_image(model: torch.nn.Module, example: torch.Tensor, targ
     return int(counter.get_total_flops() // example.shape[0])
 
 
-def optimizer_state_storage_bytes(optimizer: torch.optim.Optimizer) -> int:
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the distinct storages behind the tensors in `optimizer.state` (0 before the first step).
 
-    The same number as `optimizer_state_bytes` for ordinary tensors, and also right for fake and meta
-    tensors (the memory estimate): their `data_ptr()` is 0 or deprecated, so deduplicating by it counts
-    every state tensor as the first one. Tensors sharing one storage count once, at the storage's size.
+    Exact for real tensors and also right for fake and meta tensors (the memory estimate), whose
+    `data_ptr()` cannot tell them apart. Tensors sharing one storage count once, at the storage's size.
     """
     total = 0
     seen: dict[int, torch.UntypedStorage] = {}  # keeps each storage alive so its id() cannot be reused

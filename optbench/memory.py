@@ -11,8 +11,9 @@ Three methods, each named in the report:
   read separately for forward/backward and for `step()`; the parts come from MemTracker on the same step.
 - "tracked": real tensors on the CPU under MemTracker (`measure.tracked_step_phases`).
 - "estimate": the same MemTracker run under FakeTensorMode on a model built on the meta device. Tensors
-  have shapes and no data, so nothing is allocated and ViT-Large at batch 256 answers in seconds. It runs
-  CPU kernels: on a GPU, allocator rounding, caching and kernel workspaces come on top.
+  have shapes and no data, so nothing is allocated: ViT-Large at batch 256, four optimizers and the batch
+  sweep take ~30 s on a busy 2-core CPU. It runs CPU kernels: on a GPU, allocator rounding, caching and
+  kernel workspaces come on top.
 
 The answer the issue asks for is `LionVerdict`: the largest batch size at which Lion's peak saving
 against AdamW reaches 30%, found by evaluating batch sizes (not typed in), or why it cannot. In fp32
@@ -30,14 +31,14 @@ import json
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from optbench.errors import ConfigError, DeviceError, OptbenchError
-from optbench.measure import optimizer_state_storage_bytes, tracked_step_phases
+from optbench.measure import optimizer_state_bytes, reset_cuda_peak, tracked_step_phases
 from optbench.optimizers import BASELINE, OPTIMIZER_NAMES, BuildContext, get_entry, title_of
 from optbench.train import autocast_for, training_step
 
@@ -47,15 +48,6 @@ PRECISIONS = ("fp32", "bf16")
 LION_TARGET_SAVING = 0.30  # the course's claim: Lion saves >= 30% memory against AdamW
 MIN_GRID = 8  # default patch: keep at least 8x8 patches (32px -> patch 4, 224px -> patch 16)
 
-# Per-parameter optimizer state: tensors the size and dtype of the parameter, and scalar tensors per
-# parameter (torch's AdamW keeps `step` as a float32 tensor per parameter). Read from the libraries'
-# sources; `state_layout_bytes` turns it into bytes and the tests check it against real optimizers.
-STATE_LAYOUT: dict[str, tuple[tuple[str, ...], int]] = {
-    "adamw": (("exp_avg", "exp_avg_sq"), 1),
-    "lion": (("exp_avg",), 0),
-    "sophia": (("momentum", "hessian_moment", "hessian"), 0),
-    "schedulefree": (("z", "exp_avg_sq"), 0),
-}
 _SCALAR_STATE_BYTES = 4  # float32 step counter
 
 
@@ -65,7 +57,7 @@ def state_layout_bytes(optimizer: str, params: list[torch.Tensor]) -> int:
     Works for real, meta and fake parameters (reads only shapes and dtypes). Counts state as it is after
     the first step; Sophia's `hessian` appears on its first Hessian step, which is its first step.
     """
-    per_param, scalars = STATE_LAYOUT[optimizer]
+    per_param, scalars = get_entry(optimizer).state_layout
     return sum(len(per_param) * p.numel() * p.element_size() + scalars * _SCALAR_STATE_BYTES for p in params)
 
 
@@ -169,8 +161,7 @@ def resolve_spec(model: str, batch_size: int, image_size: int | None = None, pre
     probe = _create_model(spec, "meta")
     patches = getattr(getattr(probe, "patch_embed", None), "num_patches", None)
     tokens = (patches or 0) + int(getattr(probe, "num_prefix_tokens", 0))
-    return MemorySpec(**{**asdict(spec), "optimizers": spec.optimizers,
-                         "param_count": sum(p.numel() for p in probe.parameters()), "tokens": tokens})
+    return replace(spec, param_count=sum(p.numel() for p in probe.parameters()), tokens=tokens)
 
 
 # --- results ---------------------------------------------------------------------------------------
@@ -213,7 +204,7 @@ class OptimizerMemory:
     param_count: int
     param_bytes: int
     state_bytes: int  # exact: distinct storages held in optimizer.state after the measured steps
-    state_layout_bytes: int  # from parameter shapes and STATE_LAYOUT; equal to state_bytes when understood
+    state_layout_bytes: int  # from parameter shapes and the registry's state_layout; equal to state_bytes when understood
     steps: list[StepMemory]
     seconds: float
     peak_bytes: int = 0  # the highest of `steps`
@@ -242,7 +233,6 @@ class LionVerdict:
     bytes_per_param_adamw: float  # weights + gradients + state during step()
     bytes_per_param_lion: float
     bound_without_temporaries: float  # 1 - Lion/AdamW bytes per param: 25% in fp32
-    ceiling_with_temporaries: float  # the saving as activations vanish, with the implementations that ran
     message: str
 
 
@@ -382,7 +372,7 @@ class _Probe:
     def state_bytes(self) -> tuple[int, int, int]:
         """(exact state bytes, bytes from the known layout, parameter bytes)."""
         params = list(self.model.parameters())
-        return (optimizer_state_storage_bytes(self.optimizer), state_layout_bytes(self.name, params),
+        return (optimizer_state_bytes(self.optimizer), state_layout_bytes(self.name, params),
                 sum(p.numel() * p.element_size() for p in params))
 
     def close(self) -> None:
@@ -397,8 +387,6 @@ class _AllocatorPeaks:
     optimizer's step hooks (the peak counter is reset when step() starts). Set up before the step."""
 
     def __init__(self, device: torch.device, optimizer: torch.optim.Optimizer):
-        from optbench.measure import reset_cuda_peak
-
         self.device = device
         gc.collect()
         reset_cuda_peak(device)
@@ -485,26 +473,6 @@ def _batch_candidates(batch_size: int) -> list[int]:
     return out
 
 
-def _predicted_boundary(candidates: list[int], large: tuple[StepMemory, StepMemory],
-                        small: tuple[StepMemory, StepMemory], target: float) -> int:
-    """Index into `candidates` (descending batch sizes) of the largest batch size predicted to meet
-    `target`, interpolating each optimizer's forward/backward and step() peaks linearly in the batch size
-    between the measured ends. Only chooses what to measure next; never an answer."""
-    b_large, b_small = large[0].batch_size, small[0].batch_size
-
-    def peak(pair_large: StepMemory, pair_small: StepMemory, batch: int) -> float:
-        w = (batch - b_small) / (b_large - b_small)
-        return max(pair_small.forward_backward_peak_bytes
-                   + w * (pair_large.forward_backward_peak_bytes - pair_small.forward_backward_peak_bytes),
-                   pair_small.step_peak_bytes + w * (pair_large.step_peak_bytes - pair_small.step_peak_bytes))
-
-    for index, batch in enumerate(candidates[1:], start=1):
-        adamw, lion = peak(large[0], small[0], batch), peak(large[1], small[1], batch)
-        if _saving(int(adamw), int(lion)) >= target:
-            return index
-    return len(candidates) - 1
-
-
 def lion_verdict(spec: MemorySpec, session: _Session | None = None,
                  known: dict[int, tuple[StepMemory, StepMemory]] | None = None,
                  progress: Callable[[str], None] = lambda text: None,
@@ -542,13 +510,8 @@ def lion_verdict(spec: MemorySpec, session: _Session | None = None,
     hit: int | None = 0 if first.saving >= target else None
     if hit is None and len(candidates) > 1 and at(candidates[-1]).saving >= target:
         miss, hit = 0, len(candidates) - 1  # saving below target at candidates[miss], above at [hit]
-        # Bisection, but first the boundary the two measured ends predict and its larger neighbour:
-        # usually those two measurements settle it (each costs two tracked steps).
-        guess = _predicted_boundary(candidates, measured[candidates[0]], measured[candidates[-1]], target)
-        pending = [guess, guess - 1]
         while hit - miss > 1:
-            middle = next((i for i in pending if miss < i < hit), (hit + miss) // 2)
-            pending = [i for i in pending if i != middle]
+            middle = (hit + miss) // 2
             if at(candidates[middle]).saving >= target:
                 hit = middle
             else:
@@ -560,18 +523,17 @@ def lion_verdict(spec: MemorySpec, session: _Session | None = None,
     n = spec.param_count
     base_adamw, base_lion = adamw.params_grads_state_in_step, lion.params_grads_state_in_step
     bound = _saving(base_adamw, base_lion)
-    ceiling = _saving(base_adamw + adamw.step_own_temporaries, base_lion + lion.step_own_temporaries)
     reached = hit is not None
     batch = candidates[hit] if reached else None
-    message = _verdict_message(spec, reached, batch, points, bound, ceiling, base_adamw / n, base_lion / n,
+    message = _verdict_message(spec, reached, batch, points, bound, base_adamw / n, base_lion / n,
                                adamw.step_own_temporaries, target, method)
     return LionVerdict(target=target, reached=reached, batch_size=batch, method=method, adamw_impl=spec.adamw_impl,
                        points=points, bytes_per_param_adamw=base_adamw / n, bytes_per_param_lion=base_lion / n,
-                       bound_without_temporaries=bound, ceiling_with_temporaries=ceiling, message=message)
+                       bound_without_temporaries=bound, message=message)
 
 
 def _verdict_message(spec: MemorySpec, reached: bool, batch: int | None, points: list[SweepPoint], bound: float,
-                     ceiling: float, per_param_adamw: float, per_param_lion: float, adamw_temporaries: int,
+                     per_param_adamw: float, per_param_lion: float, adamw_temporaries: int,
                      target: float, method: str) -> str:
     by_batch = {p.batch_size: p for p in points}
     where = (f"{spec.model} at {spec.image_size}px, {spec.precision}"
@@ -584,7 +546,8 @@ def _verdict_message(spec: MemorySpec, reached: bool, batch: int | None, points:
     if reached:
         assert batch is not None
         larger = [p for p in points if p.batch_size > batch]
-        text = f"Lion's peak saving vs {against} reaches {target:.0%} from batch size {batch} down for {where}: " \
+        at_or_below = f"at batch size {batch}" if batch == 1 else f"from batch size {batch} down"
+        text = f"Lion's peak saving vs {against} reaches {target:.0%} {at_or_below} for {where}: " \
                f"{by_batch[batch].saving:.1%} at batch {batch}"
         if larger:
             text += f", {min(larger, key=lambda p: p.batch_size).saving:.1%} at batch " \
@@ -601,8 +564,7 @@ def _verdict_message(spec: MemorySpec, reached: bool, batch: int | None, points:
            f"{by_batch[spec.batch_size].saving:.1%} at batch {spec.batch_size}"
     if smallest.batch_size != spec.batch_size:
         text += f", and even at batch {smallest.batch_size} only {smallest.saving:.1%}"
-    text += (f". {held}; with the implementations that ran the ceiling is {ceiling:.1%}; activations "
-             "shrink it further.")
+    text += f". {held}; activations and temporaries shrink it further."
     return text
 
 
@@ -665,6 +627,19 @@ def measure_memory(spec: MemorySpec, progress: Callable[[str], None] = lambda te
                         seconds=time.perf_counter() - started, notes=notes)
 
 
+def check_json_path(path: str | Path) -> Path:
+    """Fail before measuring, not after, when the JSON file cannot be written (missing or read-only folder)."""
+    import os
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OptbenchError(f"--json {path} is a folder: give a file name, e.g. {path / 'memory.json'}")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OptbenchError(f"cannot write {path}: folder {folder} is missing or not writable")
+    return path
+
+
 def write_json(report: MemoryReport, path: str | Path) -> Path:
     path = Path(path)
     try:
@@ -704,10 +679,12 @@ def render_report(report: MemoryReport, console) -> None:
     """Print one column per optimizer (Sophia: plain and Hessian step), the batch sizes behind Lion's
     verdict, the verdict line and the notes. Byte columns share one unit, given in the title."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     spec = report.spec
-    unit, scale = ("GiB", 2**30) if report.results[0].peak_bytes >= 2**30 else ("MiB", 2**20)
+    # GiB only when even the weights reach one: small parts must not round to 0.00.
+    unit, scale = ("GiB", 2**30) if report.results[0].param_bytes >= 2**30 else ("MiB", 2**20)
     table = Table(title=f"Training-step memory ({unit}): {spec.model}, {spec.param_count:,} parameters, "
                         f"{spec.image_size}px / patch {spec.patch_size} ({spec.tokens} tokens), "
                         f"batch {spec.batch_size}, {spec.precision}",
@@ -719,6 +696,7 @@ def render_report(report: MemoryReport, console) -> None:
             label = result.implementation.get("code_path", "") if len(result.steps) == 1 else f"{step.kind} step"
             table.add_column(f"{result.title.split(' (')[0]}\n{label}", justify="right")
             columns.append((result, step))
+    digits = 2 if unit == "GiB" else 1
     rows = list(_TABLE_ROWS)
     if spec.method == "cuda":
         rows += [("Allocator excess", "unattributed"), ("Reserved (cache incl.)", "allocator_reserved_bytes")]
@@ -726,13 +704,13 @@ def render_report(report: MemoryReport, console) -> None:
         cells = []
         for _, step in columns:
             value = getattr(step, attribute)
-            cells.append(value if isinstance(value, str) else "-" if value is None else f"{value / scale:,.2f}")
+            cells.append(value if isinstance(value, str) else "-" if value is None else f"{value / scale:,.{digits}f}")
         table.add_row(label, *cells)
     for label, attribute in (("Peak vs AdamW", "saving_vs_adamw"), ("State vs AdamW", "state_saving_vs_adamw")):
         cells = []
         for result, step in columns:
             # A saving is about the optimizer's peak: for Sophia that is its Hessian step.
-            sets_peak = step.peak_bytes == result.peak_bytes and step is max(result.steps, key=lambda s: s.peak_bytes)
+            sets_peak = step is max(result.steps, key=lambda s: s.peak_bytes)
             cells.append("baseline" if result.optimizer == BASELINE
                          else _saving_text(getattr(result, attribute)) if sets_peak else "")
         table.add_row(label, *cells, style="bold" if label.startswith("Peak") else None)
@@ -748,8 +726,8 @@ def render_report(report: MemoryReport, console) -> None:
             sweep.add_row(str(point.batch_size), _fmt(point.adamw_peak_bytes), _fmt(point.lion_peak_bytes),
                           _saving_text(point.saving))
         console.print(sweep)
-        console.print(f"[bold]{verdict.message}[/bold]", soft_wrap=True)
+        console.print(f"[bold]{escape(verdict.message)}[/bold]", soft_wrap=True)
     for note in report.notes:
-        console.print(f"[dim]{note}[/dim]", soft_wrap=True)
+        console.print(f"[dim]{escape(note)}[/dim]", soft_wrap=True)
     console.print(f"[dim]Took {report.seconds:.1f}s. {', '.join(f'{k} {v}' for k, v in report.versions.items())}"
                   "[/dim]", soft_wrap=True)

@@ -74,6 +74,10 @@ class OptimizerEntry:
     warnings: Callable[[dict[str, Any]], list[str]] = _no_warnings
     extra_hparams: frozenset[str] = field(default_factory=frozenset)
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hyperparameters with fixed options
+    # State after the first step: names of tensors shaped like each parameter, and how many 4-byte
+    # scalar tensors per parameter (torch's AdamW keeps `step` as one). Read from the libraries'
+    # sources; tests/test_memory.py checks it against the real optimizers.
+    state_layout: tuple[tuple[str, ...], int] = ((), 0)
 
     def defaults(self) -> dict[str, Any]:
         return optimizer_defaults(self.name)
@@ -179,13 +183,17 @@ def _schedulefree_eval(optimizer) -> None:
 
 REGISTRY: dict[str, OptimizerEntry] = {
     "adamw": OptimizerEntry("adamw", "torch", _build_adamw, external_schedule=True,
-                            choices={"implementation": _ADAMW_IMPLEMENTATIONS}),
-    "lion": OptimizerEntry("lion", "lion-pytorch", _build_lion, external_schedule=True, warnings=_lion_warnings),
+                            choices={"implementation": _ADAMW_IMPLEMENTATIONS},
+                            state_layout=(("exp_avg", "exp_avg_sq"), 1)),
+    "lion": OptimizerEntry("lion", "lion-pytorch", _build_lion, external_schedule=True, warnings=_lion_warnings,
+                           state_layout=(("exp_avg",), 0)),
     "sophia": OptimizerEntry("sophia", "pytorch-optimizer", _build_sophia, external_schedule=True,
                              hessian_due=_sophia_hessian_due, force_hessian_next=_sophia_force_hessian_next,
-                             choices={"hessian_distribution": ("rademacher", "gaussian")}),
+                             choices={"hessian_distribution": ("rademacher", "gaussian")},
+                             state_layout=(("momentum", "hessian_moment", "hessian"), 0)),
     "schedulefree": OptimizerEntry("schedulefree", "schedulefree", _build_schedulefree, external_schedule=False,
-                                   train_mode=_schedulefree_train, eval_mode=_schedulefree_eval),
+                                   train_mode=_schedulefree_train, eval_mode=_schedulefree_eval,
+                                   state_layout=(("z", "exp_avg_sq"), 0)),
 }
 OPTIMIZER_NAMES = tuple(REGISTRY)
 BASELINE = "adamw"
