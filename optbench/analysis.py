@@ -86,13 +86,18 @@ def select_workload(records: list[dict[str, Any]], workload: str | None = None) 
         raise AnalysisError(f"records of {len(groups)} different workloads cannot share one table ({listing}): "
                             "pick one with --workload ID or keep each workload in its own results directory")
     notes = []
-    newest: dict[tuple, dict[str, Any]] = {}
+    chosen_runs: dict[tuple, dict[str, Any]] = {}
     for rec in groups[chosen]:
-        key = (rec["optimizer"], rec["config"].get("seed"), rec["config_hash"])
-        if key in newest:
-            notes.append(f"{rec['optimizer']} seed {key[1]}: several records of the same run; the newest is used")
-        if key not in newest or rec.get("finished_at", "") > newest[key].get("finished_at", ""):
-            newest[key] = rec
+        key = (rec["optimizer"], rec["config"].get("seed"))
+        if key in chosen_runs:
+            notes.append(f"{key[0]} seed {key[1]}: several records; the newest finished one is used")
+        if key not in chosen_runs or _preference(rec) > _preference(chosen_runs[key]):
+            chosen_runs[key] = rec
+    newest = chosen_runs
+    devices = {str(r.get("environment", {}).get("device_name")) for r in newest.values() if isinstance(r.get("environment"), dict)}
+    if len(devices) > 1:
+        notes.append("warning: these records come from different devices (" + "; ".join(sorted(devices))
+                     + "): wall-times are not comparable across them")
     settings: dict[str, set[str]] = {}
     for rec in newest.values():
         hp = json.dumps(rec["config"].get("hparams", {}), sort_keys=True, default=str)
@@ -102,6 +107,11 @@ def select_workload(records: list[dict[str, Any]], workload: str | None = None) 
         raise AnalysisError(f"{', '.join(mixed)}: runs with different hyperparameters in one workload; keep each "
                             "setting in its own results directory")
     return Selection(list(newest.values()), workload_of(groups[chosen][0]), sorted(set(notes)))
+
+
+def _preference(record: dict[str, Any]) -> tuple[bool, str]:
+    """Which record stands for a run: a finished one (ok or diverged) over an unfinished one, then newest."""
+    return record["status"] in ("ok", "diverged"), str(record.get("finished_at", ""))
 
 
 # --- the table -------------------------------------------------------------------------------------
@@ -288,9 +298,22 @@ def accuracy_criterion(records: list[dict[str, Any]], margin: float = DEFAULT_MA
     details, matched, figures = [], [], {"adamw_acc_mean": mean(base), "margin": margin}
     checked = 0
     for opt in MODERN:
+        runs = [r for r in records if r["optimizer"] == opt]
         vals = _finite([r.get("final_test_acc") for r in _ok(records, opt)])
+        failed = len(runs) - len(vals)
+        if failed and vals:
+            # A seed that diverged (or failed) is a result against the optimizer, not a run to ignore.
+            checked += 1
+            details.append(f"{opt}: {failed} of {len(runs)} runs did not finish ({', '.join(sorted({r['status'] for r in runs if r['status'] != 'ok'}))}) "
+                           "-> does not match")
+            figures[opt] = {"acc_mean": mean(vals), "diff": mean(vals) - mean(base), "n": len(vals), "failed": failed}
+            continue
         if not vals:
-            details.append(f"{opt}: no finished run")
+            if runs:
+                checked += 1
+                details.append(f"{opt}: no run finished ({', '.join(sorted({r['status'] for r in runs}))}) -> does not match")
+            else:
+                details.append(f"{opt}: no run")
             continue
         checked += 1
         diff = mean(vals) - mean(base)

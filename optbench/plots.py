@@ -27,6 +27,12 @@ def _by_optimizer(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     return {k: out[k] for k in optimizer_order(list(out))}
 
 
+def _series(runs: list[dict[str, Any]], x_key: str, y_key: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+    xs = np.array([[row.get(x_key) for row in r["history"][:length]] for r in runs], dtype=float)
+    ys = np.array([[row.get(y_key) for row in r["history"][:length]] for r in runs], dtype=float)
+    return xs, (ys * 100 if y_key == "test_acc" else ys)
+
+
 def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Test accuracy and train loss per epoch and against training wall-time; seed bands (min-max)."""
     groups = _by_optimizer(records)
@@ -37,17 +43,20 @@ def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Pa
               ("train_time_s", "test_acc", axes[1, 0]), ("train_time_s", "train_loss", axes[1, 1])]
     for opt, runs in groups.items():
         color = COLORS.get(opt)
-        length = min(len(r["history"]) for r in runs)
+        finished = [r for r in runs if r["status"] == "ok"]
+        diverged = [r for r in runs if r["status"] != "ok"]
         for x_key, y_key, ax in panels:
-            xs = np.array([[row[x_key] for row in r["history"][:length]] for r in runs], dtype=float)
-            ys = np.array([[row[y_key] for row in r["history"][:length]] for r in runs], dtype=float)
-            if y_key == "test_acc":
-                ys = ys * 100
-            label = f"{title_of(opt)} (n={len(runs)})" if len(runs) > 1 else title_of(opt)
-            style = "--" if any(r["status"] == "diverged" for r in runs) else "-"
-            ax.plot(xs.mean(0), ys.mean(0), style, color=color, marker="o", markersize=3, label=label)
-            if len(runs) > 1:
-                ax.fill_between(xs.mean(0), ys.min(0), ys.max(0), color=color, alpha=0.2)
+            if finished:  # mean of the finished seeds, with a min-max band when there are several
+                length = min(len(r["history"]) for r in finished)
+                xs, ys = _series(finished, x_key, y_key, length)
+                label = f"{title_of(opt)} (n={len(finished)})" if len(finished) > 1 else title_of(opt)
+                ax.plot(xs.mean(0), ys.mean(0), "-", color=color, marker="o", markersize=3, label=label)
+                if len(finished) > 1:
+                    ax.fill_between(xs.mean(0), ys.min(0), ys.max(0), color=color, alpha=0.2)
+            for i, rec in enumerate(diverged):  # each diverged seed on its own, dashed, up to where it stopped
+                xs, ys = _series([rec], x_key, y_key, len(rec["history"]))
+                ax.plot(xs[0], ys[0], "--", color=color, marker="x", markersize=4,
+                        label=f"{title_of(opt)} diverged" if i == 0 and not finished else None)
     for x_key, y_key, ax in panels:
         ax.set_xlabel("epoch" if x_key == "epoch" else "training wall-time (s)")
         ax.set_ylabel("test accuracy (%)" if y_key == "test_acc" else "train loss")

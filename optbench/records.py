@@ -21,6 +21,9 @@ from optbench.errors import RecordError
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("optimizer", "status", "config", "config_hash")
 STATUSES = ("ok", "diverged", "interrupted", "oom", "failed")
+NUMERIC_FIELDS = ("train_wall_time_s", "peak_memory_bytes", "optimizer_state_bytes", "throughput_images_per_s",
+                  "param_bytes", "dataset_device_bytes")
+HISTORY_FIELDS = ("epoch", "test_acc", "train_time_s")  # losses may be null: non-finite ones are
 
 
 def utc_now() -> str:
@@ -80,6 +83,13 @@ def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
                 return target
             except FileExistsError:
                 continue
+            except OSError:  # a file system without hard links (some network mounts): exclusive create
+                try:
+                    with open(target, "x") as handle:
+                        handle.write(text + "\n")
+                    return target
+                except FileExistsError:
+                    continue
         raise RecordError(f"could not find a free record name for {base} in {directory}")
     except OSError as exc:
         raise RecordError(f"could not write run record in {directory} ({exc.strerror or exc})") from None
@@ -107,9 +117,34 @@ def _check(record: Any, path: Path) -> str | None:
     if not isinstance(record.get("config"), dict):
         return f"{path.name}: config is not an object"
     acc = record.get("final_test_acc")
-    if acc is not None and not (isinstance(acc, (int, float)) and 0.0 <= acc <= 1.0):
+    if acc is not None and not (_is_number(acc) and 0.0 <= acc <= 1.0):
         return f"{path.name}: final_test_acc {acc!r} is not a fraction in [0, 1]"
+    if not isinstance(record["optimizer"], str) or not isinstance(record["config_hash"], str):
+        return f"{path.name}: optimizer and config_hash must be text"
+    seed = record["config"].get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"{path.name}: config.seed {seed!r} is not a whole number"
+    for key in NUMERIC_FIELDS:
+        if record.get(key) is not None and not _is_number(record[key]):
+            return f"{path.name}: {key} {record[key]!r} is not a number"
+    for key in ("peak_memory_source", "status_detail", "finished_at"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"{path.name}: {key} is not text"
+    history = record.get("history", [])
+    if not isinstance(history, list) or not all(
+            isinstance(row, dict) and all(_is_number(row.get(k)) for k in HISTORY_FIELDS)
+            and (row.get("train_loss") is None or _is_number(row["train_loss"])) for row in history):
+        return f"{path.name}: history must be a list of epochs with numeric {', '.join(HISTORY_FIELDS)}"
+    breakdown = record.get("memory_breakdown")
+    if breakdown is not None:
+        steps = [v for k, v in breakdown.items() if k.endswith("_step")] if isinstance(breakdown, dict) else None
+        if steps is None or not all(isinstance(v, dict) and all(_is_number(x) for x in v.values()) for v in steps):
+            return f"{path.name}: memory_breakdown is malformed"
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_records(results_dir: str | Path) -> LoadedRecords:
@@ -118,7 +153,7 @@ def load_records(results_dir: str | Path) -> LoadedRecords:
         raise RecordError(f"results directory {directory} does not exist: run `optbench compare` first "
                           "or pass the folder that holds the run records")
     records, problems = [], []
-    for path in sorted(directory.glob("*.json")):
+    for path in sorted(directory.glob("[!.]*.json")):  # dot files are records still being written
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -175,3 +175,22 @@ def test_report_to_an_unwritable_folder_is_a_clean_error(tmp_path: Path):
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(blocker / "out")])
     assert result.exit_code == 1 and "cannot write the report files" in result.output
     assert "Traceback" not in result.output
+
+
+def test_diverged_seeds_count_against_an_optimizer():
+    records = []
+    for seed in range(3):
+        records.append(make_record("adamw", seed, 0.50))
+    records += [make_record("lion", 0, 0.60), make_record("lion", 1, None, status="diverged"),
+                make_record("lion", 2, None, status="diverged")]
+    verdict = accuracy_criterion(records)
+    assert verdict.passed is False
+    assert any("2 of 3 runs did not finish" in d for d in verdict.details)
+
+
+def test_a_finished_record_stands_for_its_run_over_a_newer_interrupted_one():
+    ok = make_record("adamw", 0, 0.5)
+    interrupted = make_record("adamw", 0, None, status="interrupted")
+    interrupted["finished_at"] = "2026-11-23T00:00:00Z"
+    selection = select_workload([ok, interrupted])
+    assert [r["status"] for r in selection.records] == ["ok"]
