@@ -9,6 +9,7 @@ file and renamed; loaded with `weights_only=True`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     try:
         torch.save({"version": CHECKPOINT_VERSION, **payload}, tmp)
         os.replace(tmp, path)  # the same run's newer state replaces its older one, atomically
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}): free disk space or "
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {path} ({reason}): free disk space or "
                               "choose another --results-dir") from None
     finally:
         if os.path.exists(tmp):
@@ -61,30 +63,36 @@ def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
     return payload
 
 
-def capture_rng() -> dict[str, Any]:
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """The RNG streams training draws from: the CPU one and, on CUDA, the training device's only (so a
+    checkpoint resumes on a machine with another number of GPUs)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @dataclass
 class RunLock:
-    """An exclusive claim on one run (one config hash) in a results directory, by process id."""
+    """An exclusive claim on one run (one config hash) in a results directory.
+
+    An advisory `flock` on an open file: the kernel drops it when the holder exits, however it exits
+    (kill -9 included), so there are no stale locks and no pid reuse to get wrong.
+    """
 
     path: Path
+    fd: int
 
     def release(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the lock; the file stays (unlinking it would race)
+            self.fd = -1
 
     def __enter__(self) -> "RunLock":
         return self
@@ -93,33 +101,16 @@ class RunLock:
         self.release()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def acquire_run_lock(results_dir: str | Path, config_hash: str) -> RunLock | None:
-    """Claim the run, or return None if a live process holds it. A dead holder's lock is taken over."""
+    """Claim the run, or return None if another process holds it."""
     path = Path(results_dir) / "checkpoints" / f"{config_hash}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = int(path.read_text().strip() or "0")
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                return None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        return RunLock(path)
-    return None
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())  # for people looking at the file; the lock is the flock
+    return RunLock(path, fd)

@@ -145,8 +145,8 @@ def compare(
     results = results_dir or f"results/{preset}"
     try:
         seed_list = _csv_list(seeds, "--seeds", int) if seeds else preset_seeds(preset)
-        if any(s < 0 for s in seed_list):
-            fail("--seeds must be whole numbers >= 0")
+        if any(not 0 <= s < 2**31 for s in seed_list):
+            fail("--seeds must be whole numbers in [0, 2**31)")
         if not 0 <= margin < 100:
             fail("--margin must be in [0, 100) percentage points")
         configs = plan_runs(preset, names, seed_list, run_overrides(

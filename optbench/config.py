@@ -123,13 +123,16 @@ _INT_FIELDS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "w
 _OPTIONAL_INT_FIELDS = {"subset": 1, "test_subset": 1, "patch_size": 1, "depth": 1}
 
 
+MAX_INT = 2**31 - 1  # seeds and sizes beyond this overflow torch's generators or make no sense
+
+
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be a whole number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= MAX_INT:
+        raise ConfigError(f"{name} must be between {minimum} and {MAX_INT}, got {value}")
 
 
 def _check_hparams(optimizer: str, hp: dict[str, Any]) -> None:
@@ -145,7 +148,7 @@ def _check_hparams(optimizer: str, hp: dict[str, Any]) -> None:
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
         )
         if not ok:
-            raise ConfigError(f"betas for {optimizer} must be two numbers in [0, 1), e.g. 0.9,0.99; got {betas!r}")
+            raise ConfigError(f"betas for {optimizer} must be two numbers in [0, 1), e.g. [0.9,0.99]; got {betas!r}")
     for key in ("eps", "p"):
         if key in hp:
             v = hp[key]
@@ -211,8 +214,8 @@ def resolve_config(
 
 def preset_seeds(preset: str) -> list[int]:
     seeds = load_preset(preset).get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise ConfigError(f"preset '{preset}': seeds must be a list of whole numbers >= 0")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and 0 <= s <= MAX_INT for s in seeds):
+        raise ConfigError(f"preset '{preset}': seeds must be a list of whole numbers in [0, {MAX_INT}]")
     return seeds
 
 

@@ -15,7 +15,7 @@ import torch
 
 from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
-from optbench.checkpoints import (acquire_run_lock, capture_rng, checkpoint_path, load_checkpoint, restore_rng,
+from optbench.checkpoints import (CheckpointError, acquire_run_lock, capture_rng, checkpoint_path, load_checkpoint, restore_rng,
                                   save_checkpoint)
 from optbench.data import ImageData, load_dataset, steps_per_epoch
 from optbench.errors import ConfigError, DeviceError, OptbenchError
@@ -44,8 +44,9 @@ def resolve_runtime(config: RunConfig) -> RunConfig:
     """Fix 'auto' device and precision to what will run (they are part of the run's identity)."""
     device = resolve_device(config.device)
     precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "auto":  # bf16 where the GPU has it natively (Ampere and later), else fp32
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) \
+            else "fp32"
     return with_runtime(config, device=device.type, precision=precision)
 
 
@@ -132,7 +133,30 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
         raise RunBusy(f"{config.optimizer} seed {config.seed} ({config.config_hash}) is being run by another "
                       f"process in {config.results_dir}: wait for it or use another --results-dir")
     with lock:
-        return _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start)
+        try:
+            return _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start)
+        except torch.OutOfMemoryError as exc:
+            # Out of memory before training started (data, model, FLOP count or memory probe): this
+            # run ends as `oom` with a record, like one that runs out during training.
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return _setup_failure(config, "oom", f"out of memory during set-up at batch size {config.batch_size}: "
+                                  f"{str(exc).splitlines()[0]}", device, started_at, wall_start)
+
+
+def _setup_failure(config: RunConfig, status: str, detail: str, device: torch.device, started_at: str,
+                   wall_start: float) -> tuple[dict, Any]:
+    """The record of a run that ended before its first training step."""
+    record = {
+        "schema_version": SCHEMA_VERSION, "run_id": f"{config.config_hash}-{started_at}",
+        "config_hash": config.config_hash, "optimizer": config.optimizer, "status": status,
+        "status_detail": detail, "diverged_at_step": None, "final_test_acc": None, "train_wall_time_s": 0.0,
+        "total_wall_time_s": time.perf_counter() - wall_start, "steps": 0, "epochs_completed": 0,
+        "hessian_updates": None, "peak_memory_bytes": None, "peak_memory_source": "not measured (run failed in set-up)",
+        "optimizer_state_bytes": None, "param_count": None, "history": [], "config": config.to_dict(),
+        "environment": environment(device), "started_at": started_at, "finished_at": utc_now(),
+    }
+    return record, write_record(config.results_dir, record)
 
 
 def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start):
@@ -180,7 +204,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
-        restore_rng(saved["rng"])
+        restore_rng(saved["rng"], device)
         progress = TrainResult(**saved["progress"])
         progress.status, progress.detail = "ok", ""
         earlier_wall = saved.get("wall_time_s", 0.0)
@@ -188,12 +212,21 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                        f"step {progress.step_in_epoch} of the next")
 
     def save(state: TrainResult) -> None:
-        save_checkpoint(ckpt_path, {
-            "config_hash": config.config_hash, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": capture_rng(),
-            "progress": asdict(state), "memory_probe": probe,
-            "wall_time_s": earlier_wall + time.perf_counter() - wall_start,
-        })
+        try:
+            save_checkpoint(ckpt_path, {
+                "config_hash": config.config_hash, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": capture_rng(device),
+                "progress": asdict(state), "memory_probe": probe, "hessian_estimates": estimates_so_far(),
+                "wall_time_s": earlier_wall + time.perf_counter() - wall_start,
+            })
+        except CheckpointError as exc:  # losing a checkpoint must not lose the run
+            reporter.warn(f"{exc}; training goes on without it")
+
+    def estimates_so_far() -> int | None:
+        if entry.hessian_estimates is None:
+            return None
+        before = (saved or {}).get("hessian_estimates") or 0  # made before a resume
+        return before + entry.hessian_estimates(optimizer)
 
     train_model = torch.compile(model) if config.compile else model
     reset_cuda_peak(device)
@@ -237,7 +270,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "steps": result.steps,
         "epochs_completed": len(history),
         "images_seen": result.images_seen,
-        "hessian_updates": result.hessian_updates if entry.force_hessian_next is not None else None,
+        "hessian_updates": estimates_so_far(),
+        "hessian_steps_planned": result.hessian_updates if entry.hessian_estimates is not None else None,
         "peak_memory_bytes": peak,
         "peak_memory_source": peak_source,
         "peak_memory_reserved_bytes": reserved,
@@ -260,6 +294,9 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "started_at": started_at,
         "finished_at": utc_now(),
     }
+    if record["hessian_updates"] is not None and record["hessian_updates"] != record["hessian_steps_planned"]:
+        record["status_detail"] += (f" Hessian estimates made ({record['hessian_updates']}) differ from the steps "
+                                    f"run with create_graph ({record['hessian_steps_planned']})").strip()
     if peak is not None and device.type == "cuda" and saved is not None:
         record["peak_memory_source"] += " (since the resume only)"
     path = write_record(config.results_dir, record)

@@ -60,6 +60,10 @@ def _no_warnings(hparams: dict[str, Any]) -> list[str]:
     return []
 
 
+def _group_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
 @dataclass(frozen=True)
 class OptimizerEntry:
     name: str
@@ -72,6 +76,9 @@ class OptimizerEntry:
     # Makes the next step a Hessian step (memory probe only, on a throwaway copy).
     force_hessian_next: Callable[[torch.optim.Optimizer], None] | None = None
     warnings: Callable[[dict[str, Any]], list[str]] = _no_warnings
+    current_lr: Callable[[torch.optim.Optimizer], float] = _group_lr  # the lr the last step used
+    # Hessian estimates the optimizer itself made (counted inside the library call), or None.
+    hessian_estimates: Callable[[torch.optim.Optimizer], int] | None = None
     extra_hparams: frozenset[str] = field(default_factory=frozenset)
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hyperparameters with fixed options
     # State after the first step: names of tensors shaped like each parameter, and how many 4-byte
@@ -144,8 +151,25 @@ def _build_sophia(params, hp, ctx: BuildContext) -> Built:
         fixed_decay=False, p=hp["p"], update_period=hp["update_period"], num_samples=1,
         hessian_distribution=hp["hessian_distribution"], eps=hp["eps"],
     )
+    _count_hessian_estimates(opt)
     return Built(opt, {"class": "pytorch_optimizer.SophiaH", "code_path": "foreach-if-supported",
                        "estimator": "hutchinson", "update_period": hp["update_period"]})
+
+
+def _count_hessian_estimates(optimizer) -> None:
+    """Count the Hutchinson estimates SophiaH really makes, independently of the loop's own plan."""
+    estimate = optimizer.compute_hutchinson_hessian
+    optimizer.hessian_estimates_made = 0
+
+    def counted(*args, **kwargs):
+        optimizer.hessian_estimates_made += 1
+        return estimate(*args, **kwargs)
+
+    optimizer.compute_hutchinson_hessian = counted
+
+
+def _sophia_estimates(optimizer) -> int:
+    return optimizer.hessian_estimates_made
 
 
 def _sophia_hessian_due(optimizer: torch.optim.Optimizer) -> bool:
@@ -173,6 +197,11 @@ def _build_schedulefree(params, hp, ctx: BuildContext) -> Built:
                        "warmup_steps": ctx.warmup_steps})
 
 
+def _schedulefree_lr(optimizer) -> float:
+    # AdamWScheduleFree keeps the base lr in "lr" and the warmed-up one it used in "scheduled_lr".
+    return float(optimizer.param_groups[0].get("scheduled_lr", optimizer.param_groups[0]["lr"]))
+
+
 def _schedulefree_train(optimizer) -> None:
     optimizer.train()
 
@@ -189,10 +218,12 @@ REGISTRY: dict[str, OptimizerEntry] = {
                            state_layout=(("exp_avg",), 0)),
     "sophia": OptimizerEntry("sophia", "pytorch-optimizer", _build_sophia, external_schedule=True,
                              hessian_due=_sophia_hessian_due, force_hessian_next=_sophia_force_hessian_next,
+                             hessian_estimates=_sophia_estimates,
                              choices={"hessian_distribution": ("rademacher", "gaussian")},
                              state_layout=(("momentum", "hessian_moment", "hessian"), 0)),
     "schedulefree": OptimizerEntry("schedulefree", "schedulefree", _build_schedulefree, external_schedule=False,
                                    train_mode=_schedulefree_train, eval_mode=_schedulefree_eval,
+                                   current_lr=_schedulefree_lr,
                                    state_layout=(("z", "exp_avg_sq"), 0)),
 }
 OPTIMIZER_NAMES = tuple(REGISTRY)

@@ -125,8 +125,8 @@ def toy_settings(function: str) -> ToySettings:
         if not _positive_number(lrs.get(key)):
             raise ConfigError(f"{where}: {function}.lr.{key} must be a positive number")
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"{where}: seed must be a whole number >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ConfigError(f"{where}: seed must be a whole number in [0, 2**31)")
     reference = data.get("reference") or {}
     momentum = reference.get("momentum") if isinstance(reference, dict) else None
     if (not isinstance(reference, dict) or set(reference) != {"momentum"} or isinstance(momentum, bool)
@@ -309,8 +309,8 @@ def run_toy(function: str = "rosenbrock", steps: int | None = None, start: tuple
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"--steps must be a whole number >= 1, got {steps!r}")
     seed = settings.seed if seed is None else seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"--seed must be a whole number >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ConfigError(f"--seed must be a whole number in [0, 2**31), got {seed!r}")
     start_point = _pair(settings.start if start is None else start)
     if start_point is None:
         raise ConfigError(f"--start must be two finite numbers, got {start!r}")

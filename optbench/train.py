@@ -168,7 +168,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 "test_acc": test_acc,
                 "train_time_s": train_clock.total,
                 "steps": result.steps,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": entry.current_lr(optimizer),
             }
             result.history.append(row)
             result.epochs_done, result.step_in_epoch, result.epoch_loss_sum = epoch, 0, 0.0

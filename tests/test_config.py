@@ -155,12 +155,13 @@ def test_unknown_hyperparameter_message_does_not_offer_title():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"epochs": 0}, "epochs must be between 1 and"),
     ({"batch_size": 1.5}, "batch_size must be a whole number"),
     ({"batch_size": True}, "batch_size must be a whole number"),
-    ({"seed": -1}, "seed must be >= 0"),
-    ({"subset": 0}, "subset must be >= 1"),
-    ({"depth": 0}, "depth must be >= 1"),
+    ({"seed": -1}, "seed must be between 0 and"),
+    ({"subset": 0}, "subset must be between 1 and"),
+    ({"depth": 0}, "depth must be between 1 and"),
+    ({"seed": 2**40}, "seed must be between 0 and 2147483647"),
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
     ({"device": "tpu"}, "unknown device 'tpu'"),
     ({"precision": "fp8"}, "unknown precision 'fp8'"),

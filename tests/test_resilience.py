@@ -188,22 +188,35 @@ def test_read_only_results_dir_fails_before_training(tmp_path: Path):
 
 def test_a_run_held_by_another_live_process_is_not_clobbered(tmp_path: Path):
     config = resolve_runtime(small_config("adamw", tmp_path))
-    holder = subprocess.Popen(["sleep", "60"])
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from optbench.checkpoints import acquire_run_lock; "
+        f"lock = acquire_run_lock({str(tmp_path)!r}, {config.config_hash!r}); print('held', flush=True); "
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
-        lock = tmp_path / "checkpoints" / f"{config.config_hash}.lock"
-        lock.parent.mkdir(parents=True)
-        lock.write_text(str(holder.pid))
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunBusy):
             run_experiment(config)
         messages: list[str] = []
         records = run_comparison([config], False, lambda c: _Silent(), messages.append)
         assert records == [] and "another process" in messages[0]
-        assert lock.read_text() == str(holder.pid)  # the other process's claim is left alone
+        assert not list(tmp_path.glob("*.json"))
     finally:
-        holder.kill()
+        holder.kill()  # kill -9: the kernel drops its lock
         holder.wait()
-    record, _ = run_experiment(config)  # holder gone: its stale lock is taken over
+    record, _ = run_experiment(config)
     assert record["status"] == "ok"
+
+
+def test_out_of_memory_during_set_up_is_recorded(tmp_path: Path, monkeypatch):
+    import optbench.experiment as experiment
+
+    def probe_runs_out(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(experiment, "memory_probe", probe_runs_out)
+    record, path = run_experiment(small_config("sophia", tmp_path, memory_probe=True))
+    assert record["status"] == "oom" and "set-up" in record["status_detail"] and "batch size 100" in record["status_detail"]
+    assert path.exists() and load_records(tmp_path).records[0]["status"] == "oom"
 
 
 # --- fuzzing the config/CLI layer ------------------------------------------------------------------
