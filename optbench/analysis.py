@@ -17,9 +17,9 @@ from typing import Any
 import pandas as pd
 
 from optbench.errors import OptbenchError
+from optbench.optimizers import BASELINE, OPTIMIZER_NAMES
 
-BASELINE = "adamw"
-MODERN = ("lion", "sophia", "schedulefree")
+MODERN = tuple(name for name in OPTIMIZER_NAMES if name != BASELINE)  # everything the baseline is compared to
 MEMORY_TARGET = 0.30  # the course: "Lion must save >= 30% VRAM vs AdamW"
 DEFAULT_MARGIN = 0.01  # accuracy non-inferiority margin, as a fraction (1 percentage point)
 # Settings that define a workload: runs that differ in any of them are never compared in one table.

@@ -53,7 +53,7 @@ def run_overrides(**kwargs: Any) -> dict[str, Any]:
 @app.command()
 def run(
     optimizer: str = typer.Option(..., "--optimizer", "-o", help="adamw, lion, sophia or schedulefree"),
-    preset: str = typer.Option("default", help="a preset from configs/presets (smoke, cifar10, homework, ...)"),
+    preset: str = typer.Option("cifar10", help="a preset from configs/presets (smoke, cifar10, homework, ...)"),
     dataset: Optional[str] = typer.Option(None, help="cifar10, cifar100, fashion_mnist, digits or synthetic"),
     epochs: Optional[int] = typer.Option(None, help="training epochs"),
     batch_size: Optional[int] = typer.Option(None, help="training batch size"),

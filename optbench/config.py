@@ -50,7 +50,7 @@ class RunConfig:
     precision: str = "auto"
     compile: bool = False
     memory_probe: bool = True
-    preset: str = "default"
+    preset: str = "cifar10"
     # Not part of the identity: where things are, how chatty.
     data_dir: str = "data"
     download: bool = True
@@ -160,7 +160,7 @@ def _check_hparams(optimizer: str, hp: dict[str, Any]) -> None:
 
 def resolve_config(
     optimizer: str,
-    preset: str = "default",
+    preset: str = "cifar10",
     overrides: dict[str, Any] | None = None,
     hparam_overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
@@ -169,8 +169,7 @@ def resolve_config(
 
     entry = get_entry(optimizer)  # raises ConfigError for unknown names
     settings = load_preset(preset)
-    settings.pop("seeds", None)
-    settings.pop("optimizers", None)
+    settings.pop("seeds", None)  # compare's business, not one run's
     settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name for f in fields(RunConfig)} - {"optimizer", "hparams", "preset"}
     unknown = sorted(set(settings) - known)

@@ -43,6 +43,7 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
     verdicts = [memory_criterion(selection.records), accuracy_criterion(selection.records, margin)]
     sources = sorted({str(s) for s in table.get("peak_source", pd.Series(dtype=object)).dropna()})
     notes = list(problems or []) + selection.notes + missing_runs(selection.records, expected_optimizers)
+    notes.append(_implementations(selection.records))
     display = display_table(table)
     report = Report(title, wid, table, display, ttt, verdicts, sources, notes)
     if out_dir is not None:
@@ -52,6 +53,13 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
             raise RecordError(f"cannot write the report files to {out_dir} ({exc.strerror or exc}): "
                               "choose a writable folder with --out") from None
     return report
+
+
+def _implementations(records: list[dict[str, Any]]) -> str:
+    """Which code path each optimizer ran (fused, foreach, for-loop): it moves both time and memory."""
+    paths = sorted({f"{r['optimizer']} {r['optimizer_implementation'].get('code_path')}" for r in records
+                    if isinstance(r.get("optimizer_implementation"), dict)})
+    return "implementations (they move time and memory): " + ("; ".join(paths) if paths else "not recorded")
 
 
 def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, title: str, plots: bool) -> None:

@@ -90,7 +90,7 @@ def test_unknown_preset():
     ("=0.02", "--opt expects KEY=VALUE"),
     ("rho=0.02", "sophia has no hyperparameter 'rho'"),
     ("betas=0.9", "betas for sophia must be two numbers"),
-    ("update_period=0", "update_period must be >= 1"),
+    ("update_period=0", "update_period must be between 1 and"),
 ])
 def test_bad_opt(opt, fragment):
     result = invoke("run", "-o", "sophia", "--opt", opt)

@@ -97,7 +97,7 @@ def test_parse_value_reads_scientific_notation_without_a_dot():
 
 
 def test_presets_are_listed_and_seeded():
-    assert {"smoke", "default", "cifar10", "homework"} <= set(available_presets())
+    assert {"smoke", "cifar10", "homework"} <= set(available_presets())
     assert preset_seeds("smoke") == [0]
     assert load_preset("homework")["dataset"] == "cifar100"
 
