@@ -20,8 +20,14 @@ smoke: setup
 test: setup
 	$(BIN)/python -m pytest
 
-bench: setup
+# Speed benchmarks against torchvision's DataLoader, a bare PyTorch loop and PyTorch Lightning (~10 min on
+# 2 cores). Lightning is a benchmark-only dependency: the bench extra, installed on first use.
+bench: $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/run.py
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $@
 
 clean-results:
 	rm -rf results/*/ results/*.json

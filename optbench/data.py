@@ -222,15 +222,15 @@ def epoch_plan(num_images: int, seed: int, epoch: int, padding: int, flip: bool,
 
 def crop_flip(images: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor, flip: torch.Tensor,
               padding: int) -> torch.Tensor:
-    """Random crop (zero padding) and horizontal flip of a whole uint8 batch in one gather."""
+    """Random crop (zero padding) and horizontal flip of a whole uint8 batch, contiguous (B, C, H, W).
+
+    The padded batch is viewed as all its HxW windows (no copy); one index picks each image's window.
+    """
     b, _, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    rows = shift_y[:, None] + torch.arange(h, device=images.device)  # (B, H)
-    cols = shift_x[:, None] + torch.arange(w, device=images.device)  # (B, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch_idx = torch.arange(b, device=images.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2)
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W), a view
+    out = windows[torch.arange(b, device=images.device), :, shift_y, shift_x]  # (B, C, H, W)
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
 def train_batches(data: ImageData, batch_size: int, seed: int, epoch: int, augment: bool, start_step: int = 0
@@ -241,7 +241,7 @@ def train_batches(data: ImageData, batch_size: int, seed: int, epoch: int, augme
     plan = epoch_plan(n, seed, epoch, padding, data.spec.flip and augment, data.train_x.device)
     for start in range(start_step * batch_size, n, batch_size):
         idx = plan.order[start:start + batch_size]
-        images = data.train_x[idx]
+        images = data.train_x.index_select(0, idx)  # far cheaper than advanced indexing on dim 0
         if augment and (padding or data.spec.flip):
             images = crop_flip(images, plan.shift_y[idx], plan.shift_x[idx], plan.flip[idx], padding)
         yield data.normalize(images), data.train_y[idx]
