@@ -261,7 +261,7 @@ def _explain_memory_shortfall(adamw: list[dict[str, Any]], state_a: float, state
                    "(the measured ceiling for this model and precision)")
     if parts:
         act = _mean([p.get("activations") for p in parts]) or 0.0
-        total = _mean([p.get("total") for p in parts]) or 0.0
+        total = _mean([p.get("peak_bytes") for p in parts]) or 0.0
         opt = _mean([p.get("optimizer_state") for p in parts]) or 0.0
         if total:
             out.append(f"measured breakdown of AdamW's step peak ({_mib(total)}): activations {_pct(act / total)}, "

@@ -195,7 +195,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
             training_step(m, opt, entry, sample_x, sample_y, amp, entry.hessian_due(opt))
 
         probe = memory_probe(model, lambda m: _build_optimizer(entry, m.parameters(), config.hparams, context).optimizer,
-                             probe_step, entry.force_hessian_next)
+                             probe_step, entry.force_hessian_next, (sample_x, sample_y))
 
     progress = None
     earlier_wall = 0.0

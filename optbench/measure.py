@@ -76,28 +76,15 @@ _CATEGORY_KEYS = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads
                   "Temp": "temporaries", "Optstate": "optimizer_state", "Other": "other"}
 
 
-def _tracked_step(model, optimizer, step_fn: Callable[[], None]) -> dict[str, int]:
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer)
-    with tracker:
-        step_fn()
-    snapshot = tracker.get_tracker_snapshot("peak")
-    device_snap = max(snapshot.values(), key=lambda s: s.get("Total", 0))
-    out = {}
-    for key, value in device_snap.items():
-        name = "total" if key == "Total" else _CATEGORY_KEYS.get(getattr(key, "value", str(key)), str(key))
-        out[name] = int(value)
-    return out
-
-
 def memory_probe(model: torch.nn.Module,
                  build_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
                  train_step: Callable[[torch.nn.Module, torch.optim.Optimizer], None],
-                 force_hessian: Callable[[torch.optim.Optimizer], None] | None) -> dict[str, Any]:
+                 force_hessian: Callable[[torch.optim.Optimizer], None] | None,
+                 inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     """Peak tensor memory of a training step, broken down, measured on a copy under MemTracker.
 
+    The same measurement and the same parts as `optbench memory` (`memory.step_memory`): parameters,
+    gradients, optimizer state, activations, backward temporaries, step() temporaries, inputs.
     The model is deep-copied and given a fresh optimizer built exactly as the real one (optimizers do
     not survive deepcopy: torch pickles only their state and groups). The first step creates the
     optimizer state (all four optimizers allocate it lazily), so it runs untracked; the second, a plain
@@ -105,30 +92,26 @@ def memory_probe(model: torch.nn.Module,
     as in training. With `force_hessian` (Sophia) one more step is made a Hessian step and tracked
     apart: it sets Sophia's peak. The copies are thrown away, so the real run's weights, state and
     random streams are untouched.
-
-    Trap: MemTracker files every tensor allocated inside `optimizer.step()` as optimizer state. For
-    SophiaH that includes the Hutchinson Hessian-vector product, which runs inside `step()`. So each
-    breakdown keeps `optimizer_state` at the optimizer's exact state bytes (counted from its state
-    tensors after the step) and books the rest of what MemTracker filed there as `inside_step`.
     """
+    from dataclasses import asdict
+
+    from optbench.memory import step_memory
+
     probe_model = copy.deepcopy(model)
     probe_opt = build_optimizer(probe_model)
     train_step(probe_model, probe_opt)
+    batch_size = inputs[0].shape[0] if inputs else 0
     result: dict[str, Any] = {"source": "torch MemTracker: tensor memory of one training step, on a copy"}
 
-    def tracked() -> dict[str, int]:
-        parts = _tracked_step(probe_model, probe_opt, lambda: train_step(probe_model, probe_opt))
-        exact_state = optimizer_state_bytes(probe_opt)
-        filed_as_state = parts.get("optimizer_state", 0)
-        if filed_as_state > exact_state:
-            parts["optimizer_state"], parts["inside_step"] = exact_state, filed_as_state - exact_state
-        return parts
+    def tracked(kind: str) -> dict[str, Any]:
+        phases = tracked_step_phases(probe_model, probe_opt, lambda: train_step(probe_model, probe_opt), inputs)
+        return asdict(step_memory(kind, batch_size, phases, None))
 
-    result["plain_step"] = tracked()
+    result["plain_step"] = tracked("plain")
     if force_hessian is not None:
         force_hessian(probe_opt)
-        result["hessian_step"] = tracked()
-    result["peak_bytes"] = max(v["total"] for k, v in result.items() if k.endswith("_step"))
+        result["hessian_step"] = tracked("hessian")
+    result["peak_bytes"] = max(v["peak_bytes"] for k, v in result.items() if k.endswith("_step"))
     del probe_model, probe_opt
     return result
 
@@ -165,7 +148,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _named_categories(device_snapshot: dict[Any, int]) -> dict[str, int]:
-    """A MemTracker per-device snapshot with its keys renamed as in `_tracked_step` (all categories present)."""
+    """A MemTracker per-device snapshot with its keys renamed to optbench's names (all categories present)."""
     out = dict.fromkeys(_CATEGORY_KEYS.values(), 0)
     out["total"] = 0
     for key, value in device_snapshot.items():
@@ -214,7 +197,7 @@ def tracked_step_phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     """Tensor memory of one training step under MemTracker, the peaks outside and inside `step()` apart.
 
     Returns three snapshots on the device holding the model's parameters, each {category: bytes} with
-    the categories of `_tracked_step` plus "total":
+    the categories of `_CATEGORY_KEYS` plus "total":
     - "forward_backward": at the highest total outside `optimizer.step()` (forward, backward, zero_grad);
     - "step_entry": when `optimizer.step()` is entered;
     - "step": at the highest total inside `optimizer.step()`.

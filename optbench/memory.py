@@ -367,7 +367,7 @@ class _Probe:
                 if allocator is not None:
                     allocator.remove()
             del x, y
-        return _step_memory("hessian" if hessian else "plain", batch_size, phases, allocator)
+        return step_memory("hessian" if hessian else "plain", batch_size, phases, allocator)
 
     def state_bytes(self) -> tuple[int, int, int]:
         """(exact state bytes, bytes from the known layout, parameter bytes)."""
@@ -410,8 +410,9 @@ class _AllocatorPeaks:
             handle.remove()
 
 
-def _step_memory(kind: str, batch_size: int, phases: dict[str, dict[str, int]],
+def step_memory(kind: str, batch_size: int, phases: dict[str, dict[str, int]],
                  allocator: _AllocatorPeaks | None) -> StepMemory:
+    """One step's parts from `measure.tracked_step_phases` (and, on CUDA, the allocator's peaks)."""
     # Inside step() MemTracker books new tensors as optimizer state and may re-book old ones (Sophia's
     # HVP outputs pass through gradient hooks), so at a step peak the parts are read at step entry and
     # everything step() added is its temporaries: the parts still add up to the peak.

@@ -15,8 +15,8 @@ from optbench.analysis import optimizer_order  # noqa: E402
 from optbench.optimizers import title_of  # noqa: E402
 
 COLORS = {"adamw": "#1f77b4", "lion": "#d62728", "sophia": "#2ca02c", "schedulefree": "#9467bd"}
-PARTS = ("params", "grads", "optimizer_state", "inside_step", "activations", "temporaries", "buffers", "other")
-PART_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b2", "#ccb974", "#64b5cd", "#999999")
+PARTS = ("params", "grads", "optimizer_state", "activations", "backward_temporaries", "step_temporaries", "inputs")
+PART_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#dd8452", "#999999")
 
 
 def _by_optimizer(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -93,7 +93,7 @@ def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path 
     for part, color in zip(PARTS, PART_COLORS):
         widths = np.array([b[1].get(part, 0) / 2**20 for b in bars])
         if widths.any():
-            label = "allocated inside step() (e.g. Hessian-vector product)" if part == "inside_step" \
+            label = "step() temporaries (Sophia: Hessian-vector product)" if part == "step_temporaries" \
                 else part.replace("_", " ")
             ax.barh(y, widths, left=left, color=color, label=label)
             left += widths

@@ -138,7 +138,9 @@ def _check(record: Any, path: Path) -> str | None:
     breakdown = record.get("memory_breakdown")
     if breakdown is not None:
         steps = [v for k, v in breakdown.items() if k.endswith("_step")] if isinstance(breakdown, dict) else None
-        if steps is None or not all(isinstance(v, dict) and all(_is_number(x) for x in v.values()) for v in steps):
+        if steps is None or not all(isinstance(v, dict) and _is_number(v.get("peak_bytes"))
+                                    and all(x is None or isinstance(x, str) or _is_number(x) for x in v.values())
+                                    for v in steps):
             return f"{path.name}: memory_breakdown is malformed"
     return None
 

@@ -37,7 +37,7 @@ def make_record(optimizer: str, seed: int = 0, acc: float | None = 0.5, time_s: 
         "optimizer_state_bytes": state, "throughput_images_per_s": 1000.0, "param_bytes": 20 * MiB,
         "dataset_device_bytes": 150 * MiB,
         "memory_breakdown": {"plain_step": {"params": 20 * MiB, "grads": 20 * MiB, "optimizer_state": state,
-                                            "activations": peak - 80 * MiB, "total": peak}},
+                                            "activations": peak - 80 * MiB, "peak_bytes": peak}},
         "history": history if status in ("ok", "diverged") else history[:1],
         "finished_at": f"2026-11-22T00:00:0{seed}Z", "status_detail": "",
     }
