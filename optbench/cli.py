@@ -249,6 +249,11 @@ def memory(
             write_json(result, json_path)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(exc, MemoryError) and "memory" not in str(exc).lower():
+            raise
+        fail(f"out of memory measuring {model} at batch size {batch_size} with --method {method}: "
+             "use --method estimate (allocates nothing) or a smaller --batch-size")
     render_report(result, Console(highlight=False))
     if json_path is not None:
         console.print(f"written: {json_path}", soft_wrap=True)
