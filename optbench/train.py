@@ -144,7 +144,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 epoch_images += y.shape[0]
                 at_log_point = epoch_steps % log_every == 0 or epoch_steps == steps_per_epoch
                 if at_log_point or stop_requested():
-                    bad = int(first_bad_step.item())  # the only device read: every log_every steps
+                    bad = int(first_bad_step.item())  # device reads happen only here: every log_every steps
                     if bad >= 0:
                         result.status, result.diverged_at_step = "diverged", bad
                         result.detail = f"non-finite loss at step {bad}"
