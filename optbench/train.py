@@ -39,7 +39,7 @@ class StopRequested(Exception):
 class TrainResult:
     """Progress and outcome of training; also what a checkpoint saves to resume from."""
 
-    status: str = "ok"  # ok | diverged | interrupted | oom
+    status: str = "ok"  # ok | diverged | interrupted | oom | failed
     detail: str = ""
     diverged_at_step: int | None = None
     steps: int = 0
@@ -193,6 +193,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
     except torch.OutOfMemoryError as exc:
         result.status = "oom"
         result.detail = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
+    except Exception as exc:  # e.g. a torch.compile backend failure: keep the history, say what happened
+        result.status = "failed"
+        result.detail = f"{exc.__class__.__name__} after {result.steps} steps: {(str(exc).splitlines() or [''])[0]}"
     finally:
         close_books()
     entry.eval_mode(optimizer)  # leave the model holding the weights that were evaluated

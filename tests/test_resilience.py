@@ -261,3 +261,21 @@ def test_cli_never_shows_a_traceback(optimizer, options):
     assert "Traceback" not in result.output
     if result.exit_code == 0:
         assert json.loads(result.output)["optimizer"] == optimizer
+
+
+def test_an_unexpected_error_in_training_is_recorded_not_a_traceback(tmp_path: Path, monkeypatch):
+    import optbench.train as train_module
+
+    real_step, calls = train_module.training_step, []
+
+    def step_then_backend_failure(*args):
+        calls.append(1)
+        if len(calls) > 12:  # after the first epoch (10 steps): e.g. a torch.compile backend error
+            raise RuntimeError("BackendCompilerFailed: inductor raised CppCompileError")
+        return real_step(*args)
+
+    monkeypatch.setattr(train_module, "training_step", step_then_backend_failure)
+    record, path = run_experiment(small_config("adamw", tmp_path, epochs=3))
+    assert record["status"] == "failed" and "CppCompileError" in record["status_detail"]
+    assert record["epochs_completed"] == 1 and len(record["history"]) == 1
+    assert path.exists()
