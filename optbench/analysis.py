@@ -59,7 +59,7 @@ class Selection:
 
 
 def select_workload(records: list[dict[str, Any]], workload: str | None = None) -> Selection:
-    """The records of one workload, newest record per (optimizer, seed, config).
+    """The records of one workload, one record per (optimizer, seed): the newest finished one.
 
     Refuses to mix workloads: if the records span several and `workload` (an id) does not pick one, an
     AnalysisError lists them. Two hyperparameter settings of one optimizer in one workload are refused
@@ -93,20 +93,20 @@ def select_workload(records: list[dict[str, Any]], workload: str | None = None) 
             notes.append(f"{key[0]} seed {key[1]}: several records; the newest finished one is used")
         if key not in chosen_runs or _preference(rec) > _preference(chosen_runs[key]):
             chosen_runs[key] = rec
-    newest = chosen_runs
-    devices = {str(r.get("environment", {}).get("device_name")) for r in newest.values() if isinstance(r.get("environment"), dict)}
+    devices = {str(r["environment"].get("device_name")) for r in chosen_runs.values()
+               if isinstance(r.get("environment"), dict)}
     if len(devices) > 1:
         notes.append("warning: these records come from different devices (" + "; ".join(sorted(devices))
                      + "): wall-times are not comparable across them")
     settings: dict[str, set[str]] = {}
-    for rec in newest.values():
+    for rec in chosen_runs.values():
         hp = json.dumps(rec["config"].get("hparams", {}), sort_keys=True, default=str)
         settings.setdefault(rec["optimizer"], set()).add(hp)
     mixed = [opt for opt, hps in settings.items() if len(hps) > 1]
     if mixed:
         raise AnalysisError(f"{', '.join(mixed)}: runs with different hyperparameters in one workload; keep each "
                             "setting in its own results directory")
-    return Selection(list(newest.values()), workload_of(groups[chosen][0]), sorted(set(notes)))
+    return Selection(list(chosen_runs.values()), workload_of(groups[chosen][0]), sorted(set(notes)))
 
 
 def _preference(record: dict[str, Any]) -> tuple[bool, str]:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from optbench.config import RunConfig, resolve_config
 from optbench.data import ImageData, load_dataset
 from optbench.experiment import RunBusy, resolve_runtime, run_experiment
-from optbench.records import find_finished
+from optbench.records import finished_runs
 
 
 def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: dict[str, Any]) -> list[RunConfig]:
@@ -26,9 +26,12 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
     """
     records = []
     datasets: dict[tuple, ImageData] = {}
+    finished: dict[str, dict[str, dict[str, Any]]] = {}  # results dir -> config hash -> record, read once
     for i, config in enumerate(configs, 1):
         label = f"[{i}/{len(configs)}] {config.optimizer} seed {config.seed}"
-        existing = None if rerun else find_finished(config.results_dir, config.config_hash)
+        if not rerun and config.results_dir not in finished:
+            finished[config.results_dir] = finished_runs(config.results_dir)
+        existing = None if rerun else finished[config.results_dir].get(config.config_hash)
         if existing is not None:
             announce(f"{label}: reusing {existing['_path']} ({existing['status']})")
             records.append(existing)

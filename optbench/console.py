@@ -107,8 +107,7 @@ def show_report(report: Any) -> None:
         out.print(rich_table(ttt_display(report.time_to_target), "Time to AdamW's final accuracy"))
     if report.notes:
         out.print()
-        out.print("[bold]Missing or failed:[/bold]" if any(": no record" in n or "diverged" in n for n in report.notes)
-                  else "[bold]Notes:[/bold]")
+        out.print("[bold]Notes (missing or failed runs, skipped files, implementations):[/bold]")
         for note in report.notes:
             out.print(f"  - {note}", soft_wrap=True)
     if report.files:

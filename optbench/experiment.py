@@ -15,8 +15,8 @@ import torch
 
 from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
-from optbench.checkpoints import (CheckpointError, acquire_run_lock, capture_rng, checkpoint_path, load_checkpoint, restore_rng,
-                                  save_checkpoint)
+from optbench.checkpoints import (CheckpointError, acquire_run_lock, capture_rng, checkpoint_path,
+                                  load_checkpoint, restore_rng, save_checkpoint)
 from optbench.data import ImageData, load_dataset, steps_per_epoch
 from optbench.errors import ConfigError, DeviceError, OptbenchError
 from optbench.interrupt import StopOnSignal
@@ -271,7 +271,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "epochs_completed": len(history),
         "images_seen": result.images_seen,
         "hessian_updates": estimates_so_far(),
-        "hessian_steps_planned": result.hessian_updates if entry.hessian_estimates is not None else None,
+        "hessian_steps_planned": result.hessian_steps if entry.hessian_estimates is not None else None,
         "peak_memory_bytes": peak,
         "peak_memory_source": peak_source,
         "peak_memory_reserved_bytes": reserved,

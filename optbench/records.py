@@ -170,11 +170,19 @@ def load_records(results_dir: str | Path) -> LoadedRecords:
     return LoadedRecords(records, problems)
 
 
-def find_finished(results_dir: str | Path, config_hash: str) -> dict[str, Any] | None:
-    """The newest record of a completed (ok or diverged) run with this config, if any."""
+def finished_runs(results_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Config hash -> the newest record of a completed (ok or diverged) run, read in one pass."""
     directory = Path(results_dir)
     if not directory.is_dir():
-        return None
-    matches = [r for r in load_records(directory).records
-               if r["config_hash"] == config_hash and r["status"] in ("ok", "diverged")]
-    return max(matches, key=lambda r: r.get("finished_at", ""), default=None)
+        return {}
+    newest: dict[str, dict[str, Any]] = {}
+    for rec in load_records(directory).records:
+        if rec["status"] in ("ok", "diverged") and rec.get("finished_at", "") >= \
+                newest.get(rec["config_hash"], {}).get("finished_at", ""):
+            newest[rec["config_hash"]] = rec
+    return newest
+
+
+def find_finished(results_dir: str | Path, config_hash: str) -> dict[str, Any] | None:
+    """The newest record of a completed (ok or diverged) run with this config, if any."""
+    return finished_runs(results_dir).get(config_hash)

@@ -44,7 +44,7 @@ class TrainResult:
     diverged_at_step: int | None = None
     steps: int = 0
     images_seen: int = 0
-    hessian_updates: int = 0
+    hessian_steps: int = 0  # steps run with create_graph (the optimizer counts its estimates itself)
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -139,7 +139,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 loss_sum += loss
                 epoch_steps += 1
                 result.steps += 1
-                result.hessian_updates += int(hessian)
+                result.hessian_steps += int(hessian)
                 result.images_seen += y.shape[0]
                 epoch_images += y.shape[0]
                 at_log_point = epoch_steps % log_every == 0 or epoch_steps == steps_per_epoch

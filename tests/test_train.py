@@ -61,7 +61,7 @@ def test_loop_makes_one_hessian_estimate_per_ten_steps(synthetic_data):
     result = run_loop(model, opt, entry, synthetic_data)
     assert result.status == "ok" and result.steps == 26
     assert calls == [0, 10, 20]  # SophiaH's own counter, read before the step
-    assert result.hessian_updates == len(calls) == math.ceil(result.steps / 10)
+    assert result.hessian_steps == len(calls) == math.ceil(result.steps / 10)
     assert any(torch.count_nonzero(s["hessian"]) > 0 for s in opt.state.values())  # estimates were made
 
 
