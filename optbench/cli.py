@@ -166,6 +166,68 @@ def compare(
 
 
 @app.command()
+def tune(
+    preset: str = typer.Option("smoke", help="workload preset from configs/presets (smoke, cifar10, homework, ...)"),
+    optimizers: str = typer.Option("adamw,lion,sophia,schedulefree", help="comma-separated optimizers"),
+    trials: int = typer.Option(12, help="trials per optimizer, the same for all (trial 1 is the defaults)"),
+    space: str = typer.Option("grid", help="grid (the YAML grids, 12 points) or sobol (one seeded scrambled "
+                                           "Sobol sequence in each optimizer's ranges)"),
+    final_seeds: int = typer.Option(3, help="fresh seeds for the final runs on the test split (0: trials only, "
+                                            "e.g. for extra workers on a cluster)"),
+    validation: float = typer.Option(0.1, help="share of the training set held out to score trials on"),
+    seed: Optional[int] = typer.Option(None, help="trials' seed and Sobol seed (default: the preset's first seed)"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage shared by all workers: sqlite:///PATH (default "
+                                                      "RESULTS/tune/optuna.sqlite3), postgresql://USER@HOST/DB, "
+                                                      "journal:PATH"),
+    workers: int = typer.Option(1, help="worker processes on this machine (one GPU each; CPU: cores/N threads)"),
+    heartbeat: int = typer.Option(10, help="seconds between a trial's heartbeats; silent for 3x this, it is retried"),
+    dataset: Optional[str] = typer.Option(None, help="override the preset's dataset"),
+    epochs: Optional[int] = typer.Option(None, help="override the preset's epochs (matched for all)"),
+    batch_size: Optional[int] = typer.Option(None, help="override the preset's batch size"),
+    subset: Optional[int] = typer.Option(None, help="train on a fixed class-balanced subset of N images"),
+    test_subset: Optional[int] = typer.Option(None, help="evaluate on a fixed class-balanced subset"),
+    depth: Optional[int] = typer.Option(None, help="override the ViT depth"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16"),
+    data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets"),
+    download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
+    results_dir: Optional[str] = typer.Option(None, help="where records, the study and reports go (default "
+                                                          "results/PRESET)"),
+    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+) -> None:
+    """Tune every optimizer with the same budget on a validation split, then compare on fresh seeds."""
+    from optbench.config import preset_seeds
+    from optbench.console import RichReporter, console, show_tuning
+    from optbench.tune import make_plan, run_tune
+    from optbench.tune_report import build_tuning_report
+
+    names = _csv_list(optimizers, "--optimizers")
+    if workers < 1:
+        fail("--workers must be at least 1")
+    if final_seeds < 0:
+        fail("--final-seeds must be 0 or more")
+    if not 0 <= margin < 100:
+        fail("--margin must be in [0, 100) percentage points")
+    results = results_dir or f"results/{preset}"
+    try:
+        tune_seed = seed if seed is not None else preset_seeds(preset)[0]
+        plan = make_plan(preset, names, run_overrides(
+            dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
+            depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
+            results_dir=results), space, trials, tune_seed, validation, storage, heartbeat)
+        outcome = run_tune(plan, workers, final_seeds,
+                           lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=True),
+                           lambda text: console.print(text, soft_wrap=True), quiet=quiet)
+        if outcome.interrupted:
+            raise typer.Exit(EXIT_INTERRUPTED)
+        report = build_tuning_report(outcome, margin / 100)
+    except OptbenchError as exc:
+        fail(str(exc), exc.exit_code)
+    show_tuning(report)
+
+
+@app.command()
 def report(
     results_dir: Path = typer.Argument(..., help="folder of run records (from this or another machine)"),
     workload: Optional[str] = typer.Option(None, help="workload id, when the folder holds several"),

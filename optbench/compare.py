@@ -10,9 +10,11 @@ from optbench.experiment import RunBusy, resolve_runtime, run_experiment
 from optbench.records import finished_runs
 
 
-def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: dict[str, Any]) -> list[RunConfig]:
-    """One resolved config per (optimizer, seed): same workload, each optimizer's own hyperparameters."""
-    return [resolve_runtime(resolve_config(opt, preset, {**overrides, "seed": seed}))
+def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: dict[str, Any],
+              hparams: dict[str, dict[str, Any]] | None = None) -> list[RunConfig]:
+    """One resolved config per (optimizer, seed): same workload, each optimizer's own hyperparameters
+    (its defaults, or `hparams[optimizer]` over them: the settings `tune` chose)."""
+    return [resolve_runtime(resolve_config(opt, preset, {**overrides, "seed": seed}, (hparams or {}).get(opt)))
             for seed in seeds for opt in optimizers]
 
 

@@ -26,6 +26,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Warmup is the course's 500 steps, capped at this share of the run so short runs still train.
 WARMUP_MAX_FRACTION = 0.1
+# Keys of configs/optimizers/NAME.yaml that are not hyperparameters (display, and what `tune` searches).
+NON_HPARAM_KEYS = ("title", "color", "search_space")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class RunConfig:
     precision: str = "auto"
     compile: bool = False
     memory_probe: bool = True
+    # > 0: train on the training split minus a fixed class-balanced validation split of this share
+    # (drawn with validation_seed) and evaluate on it; the test split is then never read (tuning trials).
+    validation_fraction: float = 0.0
+    validation_seed: int = 0
     preset: str = "cifar10"
     # Not part of the identity: where things are, how chatty.
     data_dir: str = "data"
@@ -60,6 +66,8 @@ class RunConfig:
     @property
     def identity(self) -> dict[str, Any]:
         skip = {"data_dir", "download", "results_dir", "log_every", "preset"}
+        if not self.validation_fraction:  # scored on the test split, as before: the hash stays what it was
+            skip |= {"validation_fraction", "validation_seed"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @property
@@ -119,7 +127,8 @@ def parse_value(text: str) -> Any:
     return value
 
 
-_INT_FIELDS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "warmup_steps": 0, "log_every": 1}
+_INT_FIELDS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "warmup_steps": 0, "log_every": 1,
+               "validation_seed": 0}
 _OPTIONAL_INT_FIELDS = {"subset": 1, "test_subset": 1, "patch_size": 1, "depth": 1}
 
 
@@ -179,12 +188,13 @@ def resolve_config(
     hparams = dict(entry.defaults())
     for key, value in (hparam_overrides or {}).items():
         if key not in hparams and key not in entry.extra_hparams:
-            allowed = sorted((set(hparams) | set(entry.extra_hparams)) - {"title"})
+            allowed = sorted((set(hparams) | set(entry.extra_hparams)) - set(NON_HPARAM_KEYS))
             raise ConfigError(f"{optimizer} has no hyperparameter '{key}': choose from {', '.join(allowed)}")
         hparams[key] = value
     if isinstance(hparams.get("betas"), tuple):
         hparams["betas"] = list(hparams["betas"])
-    hparams.pop("title", None)
+    for key in NON_HPARAM_KEYS:
+        hparams.pop(key, None)
     _check_hparams(optimizer, hparams)
     for key, options in entry.choices.items():
         if key in hparams and hparams[key] not in options:
@@ -202,6 +212,9 @@ def resolve_config(
         raise ConfigError(f"unknown device '{settings['device']}': choose one of {', '.join(DEVICES)}")
     if settings.get("precision", "auto") not in PRECISIONS:
         raise ConfigError(f"unknown precision '{settings['precision']}': choose one of {', '.join(PRECISIONS)}")
+    fraction = settings.get("validation_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 0.5:
+        raise ConfigError(f"validation fraction must be a number in [0, 0.5] (e.g. 0.1), got {fraction!r}")
     for name in ("augment", "compile", "memory_probe", "download"):
         if name in settings and not isinstance(settings[name], bool):
             raise ConfigError(f"{name} must be true or false, got {settings[name]!r}")

@@ -113,3 +113,31 @@ def show_report(report: Any) -> None:
     if report.files:
         out.print()
         out.print("written: " + ", ".join(str(p) for p in report.files), soft_wrap=True)
+
+
+def show_tuning(report: Any) -> None:
+    """Print a tuning report (optbench.tune_report.TuningReport): the tuned comparison, then what tuning did."""
+    from rich.console import Console
+
+    from optbench.render import rich_table, verdict_text
+
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(highlight=False, width=170)
+    if report.tuned is not None:
+        show_report(report.tuned)
+        out.print()
+    for line in report.protocol:
+        out.print(f"[dim]{line}[/dim]", soft_wrap=True)
+    out.print(rich_table(report.display, "What tuning did (val: validation split, trials; test: final seeds)"))
+    for warning in report.warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    if report.defaults is not None:
+        out.print("With the defaults (same final seeds):")
+        for verdict in report.defaults.verdicts:
+            out.print("  " + verdict_text(verdict)[0], soft_wrap=True)
+    if report.change:
+        out.print(f"[bold]{report.change}[/bold]", soft_wrap=True)
+    own = [p for p in report.files if report.tuned is None or p not in report.tuned.files]
+    if own:
+        out.print("written: " + ", ".join(str(p) for p in own), soft_wrap=True)

@@ -198,6 +198,31 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
                      mean, std)
 
 
+def holdout_validation(data: ImageData, fraction: float, seed: int) -> ImageData:
+    """The training split minus a fixed, class-balanced validation split, with that split to evaluate on.
+
+    The validation images are `round(fraction * N)` training images, as equal per class as the data
+    allows, chosen by `seed` (the same for every optimizer and trial). In the returned ImageData,
+    `test_x`/`test_y` hold the validation split (the loop evaluates whatever sits there) and the real
+    test split is not carried at all, so nothing downstream can read it. Normalisation statistics are
+    recomputed from the images trained on.
+    """
+    labels = data.train_y.cpu().numpy()
+    size = round(fraction * len(labels))
+    if size < data.spec.num_classes or size >= len(labels):
+        raise DataError(f"a validation fraction of {fraction:g} of {len(labels)} training images gives {size} "
+                        f"validation images: need at least one per class ({data.spec.num_classes}) and some left "
+                        "to train on")
+    val = balanced_subset(labels, size, data.spec.num_classes, seed)
+    keep = np.setdiff1d(np.arange(len(labels)), val)
+    val_t, keep_t = torch.from_numpy(val).to(data.train_x.device), torch.from_numpy(keep).to(data.train_x.device)
+    train_x = data.train_x.index_select(0, keep_t)
+    stats = train_x.float().div(255.0)
+    return ImageData(data.spec, train_x, data.train_y.index_select(0, keep_t), data.train_x.index_select(0, val_t),
+                     data.train_y.index_select(0, val_t), stats.mean(dim=(0, 2, 3)),
+                     stats.std(dim=(0, 2, 3)).clamp_min(1e-3))
+
+
 # --- batches ---------------------------------------------------------------------------------------
 
 

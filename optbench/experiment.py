@@ -17,7 +17,7 @@ from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
 from optbench.checkpoints import (CheckpointError, acquire_run_lock, capture_rng, checkpoint_path,
                                   load_checkpoint, restore_rng, save_checkpoint)
-from optbench.data import ImageData, load_dataset, steps_per_epoch
+from optbench.data import ImageData, holdout_validation, load_dataset, steps_per_epoch
 from optbench.errors import ConfigError, DeviceError, OptbenchError
 from optbench.interrupt import StopOnSignal
 from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
@@ -171,6 +171,9 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     reporter.phase(f"loading {config.dataset}")
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+    validation = bool(config.validation_fraction)
+    if validation:  # a tuning trial: from here on the test split is gone, the validation split is evaluated
+        data = holdout_validation(data, config.validation_fraction, config.validation_seed)
     data = data.to(device)
     model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
     total_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
@@ -248,6 +251,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
 
     history = result.history
     final = history[-1] if history and result.status == "ok" else None
+    if validation:  # the loop's "test" columns hold the validation split: name them so
+        history = [{k.replace("test_", "val_"): v for k, v in row.items()} for row in history]
     record = {
         "schema_version": SCHEMA_VERSION,
         "run_id": f"{config.config_hash}-{started_at}",
@@ -256,8 +261,11 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "status": result.status,
         "status_detail": result.detail,
         "diverged_at_step": result.diverged_at_step,
-        "final_test_acc": final["test_acc"] if final else None,
-        "final_test_loss": final["test_loss"] if final else None,
+        "evaluated_on": "validation" if validation else "test",
+        "final_test_acc": final["test_acc"] if final and not validation else None,
+        "final_test_loss": final["test_loss"] if final and not validation else None,
+        "final_val_acc": final["test_acc"] if final and validation else None,
+        "final_val_loss": final["test_loss"] if final and validation else None,
         "final_train_loss": final["train_loss"] if final else None,
         "train_wall_time_s": result.train_time_s,
         "eval_wall_time_s": result.eval_time_s,
@@ -286,8 +294,9 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "lr_schedule": "warmup+cosine (external)" if entry.external_schedule else "none (built-in warmup)",
         "optimizer_implementation": built.implementation,
         "dataset": {"name": data.spec.name, "title": data.spec.title, "train_images": int(data.train_x.shape[0]),
-                    "test_images": int(data.test_x.shape[0]), "num_classes": data.spec.num_classes,
-                    "image_size": data.spec.image_size},
+                    "test_images": None if validation else int(data.test_x.shape[0]),
+                    "validation_images": int(data.test_x.shape[0]) if validation else None,
+                    "num_classes": data.spec.num_classes, "image_size": data.spec.image_size},
         "history": history,
         "config": config.to_dict(),
         "environment": environment(device),

@@ -110,3 +110,73 @@ def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --- tuning ----------------------------------------------------------------------------------------
+
+
+def tuning_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> Path | None:
+    """Best validation accuracy so far vs trials spent, per optimizer, in the order the trials were
+    drawn (line with markers); the band is the central 80% over random re-orderings of the same trials
+    (optbench.tune_analysis.tuning_curve), the dashed line their median."""
+    shown = {opt: c for opt, c in curves.items() if c["trials"]}
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for opt in optimizer_order(list(shown)):
+        c, color = shown[opt], COLORS.get(opt)
+        x = np.array(c["trials"])
+        ax.plot(x, 100 * np.array(c["observed"]), "-o", color=color, markersize=4, label=title_of(opt))
+        ax.plot(x, 100 * np.array(c["median"]), "--", color=color, linewidth=1)
+        ax.fill_between(x, 100 * np.array(c["low"]), 100 * np.array(c["high"]), color=color, alpha=0.15)
+    ax.set_xlabel("trials spent (slot 1 = the defaults)")
+    ax.set_ylabel("best validation accuracy so far (%)")
+    ax.set_xticks(range(1, max(len(c["trials"]) for c in shown.values()) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(title="band: 80% over random trial orders", fontsize=8, title_fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def lr_sensitivity(lines: dict[str, dict[Any, list[tuple[float, float]]]], chosen: dict[str, dict[str, float]],
+                   path: Path, title: str) -> Path | None:
+    """Validation accuracy vs learning rate (log axis), one panel per optimizer, one line per weight
+    decay (grid search); with Sobol every point has its own weight decay, shown as the point's colour.
+    The chosen setting is ringed."""
+    shown = {opt: v for opt, v in lines.items() if v}
+    if not shown:
+        return None
+    names = optimizer_order(list(shown))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    for ax, opt in zip(axes[0], names):
+        by_wd = shown[opt]
+        if all(len(points) >= 2 for points in by_wd.values()) or len(by_wd) <= 4:
+            cmap = plt.get_cmap("viridis", max(2, len(by_wd)))
+            for i, (wd, points) in enumerate(by_wd.items()):
+                xs, ys = zip(*points)
+                ax.plot(xs, 100 * np.array(ys), "-o", color=cmap(i), markersize=4,
+                        label=f"wd {wd:.3g}" if wd is not None else "wd -")
+            ax.legend(fontsize=7)
+        else:
+            pts = [(lr, acc, wd) for wd, points in by_wd.items() for lr, acc in points]
+            sc = ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis",
+                            norm=matplotlib.colors.LogNorm())
+            fig.colorbar(sc, ax=ax, label="weight decay")
+        best = chosen.get(opt)
+        if best and "lr" in best:
+            acc = next((acc for lr, acc in by_wd.get(best.get("weight_decay"), []) if lr == best["lr"]), None)
+            if acc is not None:
+                ax.scatter([best["lr"]], [100 * acc], s=140, facecolors="none", edgecolors="black", label=None)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(title_of(opt))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -24,6 +24,7 @@ STATUSES = ("ok", "diverged", "interrupted", "oom", "failed")
 NUMERIC_FIELDS = ("train_wall_time_s", "peak_memory_bytes", "optimizer_state_bytes", "throughput_images_per_s",
                   "param_bytes", "dataset_device_bytes")
 HISTORY_FIELDS = ("epoch", "test_acc", "train_time_s")  # losses may be null: non-finite ones are
+# A run scored on a validation split (a tuning trial) has val_acc where others have test_acc.
 
 
 def utc_now() -> str:
@@ -116,9 +117,10 @@ def _check(record: Any, path: Path) -> str | None:
         return f"{path.name}: unknown status {record['status']!r}"
     if not isinstance(record.get("config"), dict):
         return f"{path.name}: config is not an object"
-    acc = record.get("final_test_acc")
-    if acc is not None and not (_is_number(acc) and 0.0 <= acc <= 1.0):
-        return f"{path.name}: final_test_acc {acc!r} is not a fraction in [0, 1]"
+    for key in ("final_test_acc", "final_val_acc"):
+        acc = record.get(key)
+        if acc is not None and not (_is_number(acc) and 0.0 <= acc <= 1.0):
+            return f"{path.name}: {key} {acc!r} is not a fraction in [0, 1]"
     if not isinstance(record["optimizer"], str) or not isinstance(record["config_hash"], str):
         return f"{path.name}: optimizer and config_hash must be text"
     seed = record["config"].get("seed")
@@ -132,7 +134,8 @@ def _check(record: Any, path: Path) -> str | None:
             return f"{path.name}: {key} is not text"
     history = record.get("history", [])
     if not isinstance(history, list) or not all(
-            isinstance(row, dict) and all(_is_number(row.get(k)) for k in HISTORY_FIELDS)
+            isinstance(row, dict)
+            and all(_is_number(row.get("val_acc" if k == "test_acc" and "val_acc" in row else k)) for k in HISTORY_FIELDS)
             and (row.get("train_loss") is None or _is_number(row["train_loss"])) for row in history):
         return f"{path.name}: history must be a list of epochs with numeric {', '.join(HISTORY_FIELDS)}"
     breakdown = record.get("memory_breakdown")

@@ -116,3 +116,49 @@ def write_tables(out_dir: Path, stem: str, df: pd.DataFrame, markdown: str) -> l
     df.to_csv(csv_path, index=False)
     md_path.write_text(markdown)
     return [csv_path, md_path]
+
+
+# --- tuning ----------------------------------------------------------------------------------------
+
+
+def _params(params: dict[str, Any]) -> str:
+    short = {"lr": "lr", "weight_decay": "wd"}
+    return ", ".join(f"{short.get(k, k)} {v:.3g}" for k, v in params.items()) or "-"
+
+
+def tuning_display(summaries: list[Any]) -> pd.DataFrame:
+    """Per optimizer (optbench.tune_analysis.OptimizerTuning): defaults beside the chosen setting, on
+    validation (trials) and test (final seeds), and the compute the trials spent."""
+    rows = []
+    for s in summaries:
+        rows.append({
+            "optimizer": title_of(s.optimizer),
+            "trials": f"{s.trials_used}/{s.budget}",
+            "defaults": _params(s.defaults),
+            "chosen": _params(s.chosen) + (" (= defaults)" if s.chosen == s.defaults else ""),
+            "val acc defaults": _pct(s.default_val),
+            "val acc tuned": _pct(s.tuned_val),
+            "test acc defaults": _pct(s.default_test),
+            "test acc tuned": _pct(s.tuned_test),
+            "tuning epochs": f"{s.compute['epochs']:,}",
+            "tuning device-s": _seconds(s.compute["device_seconds"]),
+            "Hessian estimates": f"{s.compute['hessian_updates']:,}" if s.compute["hessian_updates"] else "-",
+        })
+    return pd.DataFrame(rows)
+
+
+def tuning_markdown(title: str, protocol: list[str], display: pd.DataFrame, warnings: list[str], change: str,
+                    tuned: list[Verdict], defaults: list[Verdict], notes: list[str]) -> str:
+    parts = [f"# {title}", "", *[f"- {line}" for line in protocol], "", display.to_markdown(index=False), ""]
+    if warnings:
+        parts += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    parts += ["## Verdicts", "", f"**{change}**", "", "With the tuned settings (final seeds, test split):", ""]
+    for verdict in tuned:
+        lines = verdict_text(verdict)
+        parts += [f"- {lines[0]}"] + [f"  - {line.strip()}" for line in lines[1:]]
+    parts += ["", "With the defaults (same seeds, test split):", ""]
+    for verdict in defaults:
+        parts.append(f"- {verdict_text(verdict)[0]}")
+    if notes:
+        parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,515 @@
+"""`tune`: the same tuning budget for every optimizer, chosen on a validation split, then fresh seeds.
+
+Protocol (README, "A fair contest"):
+1. Plan. One Optuna study per workload x optimizer x space. Its N trials are drawn up front by Optuna's
+   own samplers (`GridSampler` over the YAML's grid, or one seeded scrambled Sobol sequence from
+   `QMCSampler` mapped into each optimizer's ranges) and enqueued as slots 0..N-1; slot 0 is always the
+   optimizer's defaults. Drawing up front is what makes the budget exact with any number of workers:
+   workers only pop queued trials (Optuna's atomic WAITING -> RUNNING), they never ask the sampler, so
+   no race can add an (N+1)-th trial.
+2. Trials. A trial is an ordinary run (`run_experiment`) whose config trains on the training split
+   minus a fixed class-balanced validation split and is scored on that split's accuracy at the last
+   epoch; the test split is never loaded into it. Its record lives in RESULTS/tune/trials; the trial's
+   user attributes point at it (config hash, record path): the study indexes runs, it stores no
+   results of its own. A finished record with the trial's config hash is reused, a checkpoint resumed.
+3. Scale-out. Workers (threads of this process, `--workers N` processes, or `optbench tune` started on
+   other machines with the same `--storage`) share the study. With an RDB storage (SQLite, PostgreSQL)
+   each running trial sends Optuna heartbeats; a trial whose worker died is failed after the grace
+   period and re-queued by `RetryHeartbeatStaleTrialCallback` with the same parameters, so its run
+   resumes from its checkpoint. Optuna's journal storage has no heartbeat (see `open_storage`).
+4. Final runs. Each optimizer's best setting (ties go to the defaults) and its defaults run on the full
+   training set with K fresh seeds and are scored on the test split by compare's own planning, running
+   and report code; the verdicts come from those.
+
+`tune_worker` is a top-level function of picklable arguments so an executor (processes, SLURM) can run it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from optbench.config import RunConfig, optimizer_defaults, resolve_config
+from optbench.errors import ConfigError, OptbenchError
+from optbench.search_space import SearchSpace, check_equal_grids, parse_search_space
+from optbench.tune_analysis import Budget, budget_status, best_trial
+
+SPACES = ("grid", "sobol")
+MAX_RETRY = 3  # a trial whose worker dies this many times is settled with the worst score
+DEFAULT_HEARTBEAT_S = 10
+STUDY_FILE = "optuna.sqlite3"
+
+
+class TuneError(OptbenchError):
+    """A tuning run that cannot start or finish as asked."""
+
+
+class TrialInterrupted(Exception):
+    """The trial's run was stopped (Ctrl-C, SIGTERM) and checkpointed: it is re-queued, not scored."""
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+
+def default_storage(results_dir: str | Path) -> str:
+    return f"sqlite:///{Path(results_dir).resolve() / 'tune' / STUDY_FILE}"
+
+
+def open_storage(url: str, heartbeat_s: int = DEFAULT_HEARTBEAT_S):
+    """An Optuna storage for `url`.
+
+    - `sqlite:///PATH`, `postgresql://USER@HOST:PORT/DB` (any SQLAlchemy URL): `RDBStorage` with
+      heartbeats every `heartbeat_s` seconds, a grace period of 3x that, and stale trials re-queued by
+      `RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)`.
+    - `journal:PATH`: `JournalStorage(JournalFileBackend(PATH))`, one append-only file on a shared
+      filesystem, no database server. Optuna has no heartbeat for it: a trial whose worker was killed
+      stays RUNNING, so `tune` stops and says so instead of waiting; use an RDB storage where workers
+      can be preempted.
+    """
+    import optuna
+
+    _quiet_optuna()
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
+
+            path = Path(url[len("journal:"):]).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+    except Exception as exc:  # SQLAlchemy, driver and filesystem errors come in many classes
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise TuneError(f"cannot open the Optuna storage {_redact(url)} ({exc.__class__.__name__}: {first}): "
+                        "check --storage (sqlite:///PATH, postgresql://USER@HOST:PORT/DB or journal:PATH)") from None
+
+
+def _redact(url: str) -> str:
+    """The URL without a password, for messages."""
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    warnings.filterwarnings("ignore", message=".*balance properties of Sobol.*")
+
+
+def heartbeat_enabled(storage) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    return is_heartbeat_enabled(storage)
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    optimizer: str
+    name: str  # the Optuna study name
+    base: RunConfig  # the trial config at the defaults (hparams are replaced per trial)
+    space: SearchSpace
+    defaults: dict[str, float]  # the tuned hyperparameters' default values (slot 0)
+
+
+@dataclass(frozen=True)
+class TunePlan:
+    """Everything a worker needs, picklable (it crosses process boundaries)."""
+
+    preset: str
+    optimizers: tuple[str, ...]
+    overrides: dict[str, Any]  # compare's workload overrides, results_dir included
+    space: str  # grid | sobol
+    budget: int
+    seed: int  # trials' seed and the Sobol scramble seed
+    validation_fraction: float
+    storage: str
+    heartbeat_s: int
+    studies: tuple[StudySpec, ...]
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.overrides["results_dir"])
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.results_dir / "tune"
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.tune_dir / "trials"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.space}-{self.budget}"
+
+
+def load_search_space(optimizer: str, hparams: dict[str, Any]) -> SearchSpace:
+    raw = optimizer_defaults(optimizer).get("search_space")
+    if raw is None:
+        raise ConfigError(f"{optimizer} has no search_space in its YAML (configs/optimizers/{optimizer}.yaml): "
+                          "add one to tune it")
+    return parse_search_space(optimizer, raw, hparams)
+
+
+def trial_config(base: RunConfig, params: dict[str, float]) -> RunConfig:
+    """The run of one trial: the base trial config with the trial's hyperparameters."""
+    return replace(base, hparams={**base.hparams, **params})
+
+
+def make_plan(preset: str, optimizers: list[str], overrides: dict[str, Any], space: str, budget: int, seed: int,
+              validation_fraction: float, storage: str | None, heartbeat_s: int = DEFAULT_HEARTBEAT_S) -> TunePlan:
+    """Resolve and check everything before any training: configs, search spaces, budget, storage URL."""
+    from optbench.experiment import resolve_runtime
+
+    if space not in SPACES:
+        raise ConfigError(f"unknown --space '{space}': choose grid or sobol")
+    if budget < 1:
+        raise ConfigError(f"--trials must be at least 1 (slot 0 is the defaults), got {budget}")
+    if not 0 < validation_fraction <= 0.5:
+        raise ConfigError(f"--validation must be a fraction in (0, 0.5], e.g. 0.1; got {validation_fraction}")
+    if heartbeat_s < 1:
+        raise ConfigError(f"--heartbeat must be at least 1 second, got {heartbeat_s}")
+    results_dir = overrides["results_dir"]
+    trials_dir = str(Path(results_dir) / "tune" / "trials")
+    studies = []
+    for opt in optimizers:
+        base = resolve_runtime(resolve_config(opt, preset, {
+            **overrides, "seed": seed, "validation_fraction": validation_fraction, "validation_seed": 0,
+            "memory_probe": False, "results_dir": trials_dir}))
+        search = load_search_space(opt, base.hparams)
+        if space == "grid" and budget > search.grid_size:
+            raise ConfigError(f"--trials {budget} exceeds {opt}'s grid of {search.grid_size} points: use at most "
+                              f"{search.grid_size}, or --space sobol")
+        identity = {k: v for k, v in base.identity.items() if k != "hparams"}
+        key = json.dumps({"run": identity, "space": search.to_dict(), "kind": space, "seed": seed}, sort_keys=True,
+                         default=str)
+        name = f"optbench-{opt}-{space}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+        studies.append(StudySpec(opt, name, base, search, {p: float(base.hparams[p]) for p in search.names}))
+    if space == "grid":
+        check_equal_grids([s.space for s in studies])
+    return TunePlan(preset, tuple(optimizers), dict(overrides), space, budget, seed, validation_fraction,
+                    storage or default_storage(results_dir), heartbeat_s, tuple(studies))
+
+
+def draw_points(spec: StudySpec, kind: str, budget: int, seed: int) -> list[dict[str, float]]:
+    """The study's trials in slot order: the defaults, then `budget - 1` distinct points from Optuna's
+    sampler (GridSampler over the grid in its seeded order, or the scrambled Sobol sequence of
+    QMCSampler). Drawn in a throwaway in-memory study, so the same seed gives the same points on every
+    machine and on every re-plan. The grid point equal to the defaults is not drawn twice."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    _quiet_optuna()
+    distributions = {p.name: FloatDistribution(p.low, p.high, log=p.log) for p in spec.space.params}
+    if kind == "grid":
+        sampler = optuna.samplers.GridSampler({p.name: list(p.grid) for p in spec.space.params}, seed=seed)
+    else:
+        sampler = optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+    scratch = optuna.create_study(direction="maximize", sampler=sampler)
+    # Slot 0, the defaults, goes first: QMCSampler takes its search space from the first finished trial,
+    # so the Sobol points start at the sequence's first point.
+    scratch.enqueue_trial(spec.defaults)
+    points: list[dict[str, float]] = []
+    for _ in range(budget + spec.space.grid_size + 1):  # the grid ends; the loop must too
+        if len(points) == budget:
+            break
+        trial = scratch.ask(distributions)
+        scratch.tell(trial, 0.0)
+        params = {name: float(trial.params[name]) for name in spec.space.names}
+        if params not in points:
+            points.append(params)
+    return points
+
+
+@contextmanager
+def _plan_lock(tune_dir: Path) -> Iterator[None]:
+    """Serialises planning between `optbench tune` processes sharing the results directory."""
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    with open(tune_dir / "plan.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def prepare_studies(plan: TunePlan, storage=None) -> None:
+    """Create each study (or load it) and enqueue the slots it does not have yet. Idempotent: a second
+    `tune` (another worker, a resume, a larger --trials) adds only what is missing; a smaller --trials
+    than a study was planned with is refused (it would leave the optimizers' budgets unequal)."""
+    import optuna
+
+    storage = storage or open_storage(plan.storage, plan.heartbeat_s)
+    with _plan_lock(plan.tune_dir):
+        for spec in plan.studies:
+            study = optuna.create_study(study_name=spec.name, storage=storage, direction="maximize",
+                                        load_if_exists=True)
+            planned = study.user_attrs.get("budget", 0)
+            if planned > plan.budget:
+                raise TuneError(f"study {spec.name} ({spec.optimizer}) was planned with {planned} trials; --trials "
+                                f"{plan.budget} would leave the optimizers' budgets unequal: use --trials {planned} "
+                                "or another --results-dir / --storage")
+            study.set_user_attr("budget", plan.budget)
+            for key, value in (("optimizer", spec.optimizer), ("space", plan.space), ("seed", plan.seed),
+                               ("search_space", spec.space.to_dict()), ("validation_fraction", plan.validation_fraction),
+                               ("trials_dir", str(plan.trials_dir))):
+                study.set_user_attr(key, value)
+            have = {t.user_attrs.get("slot") for t in study.get_trials(deepcopy=False)}
+            for slot, params in enumerate(draw_points(spec, plan.space, plan.budget, plan.seed)):
+                if slot not in have:
+                    study.enqueue_trial(params, user_attrs={"slot": slot, "defaults": slot == 0})
+
+
+def trial_dicts(study, optimizer: str) -> list[dict[str, Any]]:
+    """The study's trials as plain dicts (see optbench.tune_analysis)."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        out.append({"optimizer": optimizer, "number": t.number, "slot": t.user_attrs.get("slot"),
+                    "state": t.state.name, "value": t.value if t.state.name == "COMPLETE" else None,
+                    "params": dict(t.params or t.system_attrs.get("fixed_params", {})),
+                    "defaults": bool(t.user_attrs.get("defaults")), "config_hash": t.user_attrs.get("config_hash"),
+                    "record": t.user_attrs.get("record"), "status": t.user_attrs.get("status"),
+                    "worker": t.user_attrs.get("worker"),
+                    "retry_history": list(t.system_attrs.get("retry_history", []))})
+    return out
+
+
+def study_status(plan: TunePlan, storage) -> dict[str, tuple[Budget, list[dict[str, Any]]]]:
+    import optuna
+
+    out = {}
+    for spec in plan.studies:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        trials = trial_dicts(study, spec.optimizer)
+        out[spec.optimizer] = (budget_status(trials, plan.budget, MAX_RETRY), trials)
+    return out
+
+
+# --- the worker ------------------------------------------------------------------------------------
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _run_trial_run(config: RunConfig, data, say: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
+    """The trial's run: its finished record if there is one, else the run (resumed from its checkpoint).
+    If another live process holds the run (a worker that missed its heartbeats), wait for its record."""
+    from optbench.experiment import RunBusy, run_experiment
+    from optbench.records import find_finished
+
+    while True:
+        existing = find_finished(config.results_dir, config.config_hash)
+        if existing is not None:
+            return existing, Path(existing["_path"])
+        try:
+            return run_experiment(config, None, data=data, resume=True)
+        except RunBusy:
+            say(f"{config.optimizer} {config.config_hash}: held by another live process; waiting for it")
+            time.sleep(2)
+
+
+def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = None,
+                visible_devices: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run queued trials of the plan's studies until every study has settled its budget.
+
+    Top-level and picklable (an executor can run it anywhere the storage and the results directory are
+    reachable). `threads`: torch intra-op threads for this worker; `visible_devices`: its
+    CUDA_VISIBLE_DEVICES (one GPU per worker). Returns {"worker", "trials", "interrupted", "incomplete"}:
+    `incomplete` lists studies with trials still RUNNING elsewhere when the storage has no heartbeat
+    to tell a dead worker from a slow one.
+    """
+    if visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices  # before torch initialises CUDA
+    import optuna
+    import torch
+
+    from optbench.console import console
+    from optbench.data import load_dataset
+
+    if threads:
+        torch.set_num_threads(threads)
+    name = name or worker_name()
+    storage = open_storage(plan.storage, plan.heartbeat_s)
+    beating = heartbeat_enabled(storage)
+    studies = {spec.optimizer: optuna.load_study(study_name=spec.name, storage=storage) for spec in plan.studies}
+    datasets: dict[tuple, Any] = {}
+    done_here = {"worker": name, "trials": 0, "interrupted": False, "incomplete": []}
+
+    def say(text: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{name}[/dim] {text}", soft_wrap=True)
+
+    def objective_for(spec: StudySpec, current: dict[str, Any]):
+        def objective(trial) -> float:
+            slot = trial.user_attrs.get("slot")
+            if slot is None:  # another worker took the last queued trial first: nothing planned is left
+                raise optuna.TrialPruned("no planned trial was waiting")
+            current["number"] = trial.number
+            params = {p.name: trial.suggest_float(p.name, p.low, p.high, log=p.log) for p in spec.space.params}
+            config = trial_config(spec.base, params)
+            trial.set_user_attr("config_hash", config.config_hash)
+            trial.set_user_attr("worker", name)
+            key = (config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+            if key not in datasets:
+                datasets[key] = load_dataset(*key)
+            started = time.perf_counter()
+            record, path = _run_trial_run(config, datasets[key], say)
+            trial.set_user_attr("record", str(path))
+            trial.set_user_attr("status", record["status"])
+            if record["status"] == "interrupted":
+                raise TrialInterrupted(f"trial {trial.number} stopped and checkpointed")
+            value = record["final_val_acc"] if record["status"] == "ok" else 0.0  # worst score: counts against
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in params.items())
+            say(f"{spec.optimizer} slot {slot + 1}/{plan.budget} ({shown}"
+                + (", the defaults" if slot == 0 else "") + f"): {record['status']}, val acc {value:.2%} "
+                + f"[{time.perf_counter() - started:.1f}s, trial {trial.number}]")
+            done_here["trials"] += 1
+            return value
+        return objective
+
+    while True:
+        progressed, all_done = False, True
+        for spec in plan.studies:
+            study = studies[spec.optimizer]
+            if beating:
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then re-queued
+            status = budget_status(trial_dicts(study, spec.optimizer), plan.budget, MAX_RETRY)
+            if status.done:
+                continue
+            all_done = False
+            if status.waiting:
+                current: dict[str, Any] = {}
+                try:
+                    study.optimize(objective_for(spec, current), n_trials=1)
+                except TrialInterrupted:
+                    # Optuna marked it FAIL; re-queue it now with Optuna's own retry callback.
+                    callback = storage.get_heartbeat_stale_trial_callback() if beating else None
+                    if callback is not None and "number" in current:
+                        callback(study, study.trials[current["number"]])
+                    done_here["interrupted"] = True
+                    return done_here
+                progressed = True
+                break  # back to the first study: workers finish the optimizers in the same order
+        if all_done:
+            return done_here
+        if not progressed:
+            if not beating:
+                done_here["incomplete"] = [s.optimizer for s in plan.studies
+                                           if not budget_status(trial_dicts(studies[s.optimizer], s.optimizer),
+                                                                plan.budget, MAX_RETRY).done]
+                return done_here
+            time.sleep(min(1.0, plan.heartbeat_s / 2))  # others' trials run, or a dead one goes stale
+
+
+def _spawned_worker(plan: TunePlan, name: str, threads: int | None, visible_devices: str | None, quiet: bool) -> None:
+    """A `--workers` process: tune_worker, exit code 130 if its trial was interrupted."""
+    result = tune_worker(plan, name, threads, visible_devices, quiet)
+    raise SystemExit(130 if result["interrupted"] else 0)
+
+
+def run_workers(plan: TunePlan, workers: int, quiet: bool = False) -> list[int]:
+    """`workers` processes (standard library, spawn) each running `tune_worker` on the shared study.
+
+    CPU: each gets cores // workers torch threads. Several GPUs: each its own (round robin) through
+    CUDA_VISIBLE_DEVICES. Returns the exit codes.
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    threads = None if gpus else max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    procs = []
+    for i in range(workers):
+        devices = str(i % gpus) if gpus > 1 else None
+        proc = context.Process(target=_spawned_worker, args=(plan, f"worker{i}", threads, devices, quiet),
+                               name=f"optbench-tune-{i}")
+        proc.start()
+        procs.append(proc)
+    for proc in procs:
+        proc.join()
+    return [p.exitcode for p in procs]
+
+
+# --- the whole command -----------------------------------------------------------------------------
+
+
+@dataclass
+class TuneOutcome:
+    plan: TunePlan
+    status: dict[str, tuple[Budget, list[dict[str, Any]]]]
+    chosen: dict[str, dict[str, float]] = field(default_factory=dict)
+    final_seeds: list[int] = field(default_factory=list)
+    default_records: list[dict[str, Any]] = field(default_factory=list)
+    tuned_records: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def final_seeds(tune_seed: int, count: int) -> list[int]:
+    """K seeds never used in tuning (trials all use `tune_seed`)."""
+    return [tune_seed + i for i in range(1, count + 1)]
+
+
+def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Callable[[RunConfig], Any],
+             announce: Callable[[str], None], quiet: bool = False) -> TuneOutcome:
+    """Plan, run the trials (this process or `workers` processes), then the final runs."""
+    from optbench.compare import plan_runs, run_comparison
+
+    storage = open_storage(plan.storage, plan.heartbeat_s)
+    prepare_studies(plan, storage)
+    announce(f"tuning {', '.join(plan.optimizers)}: {plan.budget} trials each ({plan.space}; slot 1 is the defaults), "
+             f"validation split {plan.validation_fraction:.0%} of the training set, study storage {_redact(plan.storage)}")
+    interrupted = False
+    if workers > 1:
+        codes = run_workers(plan, workers, quiet)
+        interrupted = any(c == 130 for c in codes)
+        if any(c not in (0, 130) for c in codes):
+            announce(f"worker exit codes {codes}: finishing the study in this process")
+    if not interrupted:  # also finishes what killed --workers processes left (their trials are retried)
+        interrupted = tune_worker(plan, f"{worker_name()}", quiet=quiet)["interrupted"]
+    status = study_status(plan, storage)
+    outcome = TuneOutcome(plan, status, interrupted=interrupted)
+    if interrupted:
+        return outcome
+    unfinished = [opt for opt, (budget, _) in status.items() if not budget.done]
+    if unfinished:
+        raise TuneError(f"the studies of {', '.join(unfinished)} are not complete: trials are still running in other "
+                        "workers (journal storage has no heartbeat to detect a dead one); run this command again "
+                        "when they have finished")
+    outcome.chosen = {opt: dict(best_trial(budget.settled)["params"]) for opt, (budget, _) in status.items()}
+    if final_count <= 0:
+        return outcome
+    outcome.final_seeds = final_seeds(plan.seed, final_count)
+    names = list(plan.optimizers)
+    final_overrides = {k: v for k, v in plan.overrides.items() if k != "seed"}
+    # The defaults on the full training set are compare's own runs (same directory: each reuses the other's).
+    announce(f"final runs, seeds {', '.join(map(str, outcome.final_seeds))}: the defaults")
+    outcome.default_records = run_comparison(plan_runs(plan.preset, names, outcome.final_seeds, final_overrides),
+                                             False, make_reporter, announce)
+    announce("final runs: the tuned settings")
+    tuned_overrides = {**final_overrides, "results_dir": str(plan.tune_dir / f"final-{plan.tag}")}
+    outcome.tuned_records = run_comparison(plan_runs(plan.preset, names, outcome.final_seeds, tuned_overrides,
+                                                     outcome.chosen), False, make_reporter, announce)
+    outcome.interrupted = any(r["status"] == "interrupted" for r in outcome.default_records + outcome.tuned_records)
+    return outcome
