@@ -175,7 +175,7 @@ def tune(
     final_seeds: int = typer.Option(3, help="fresh seeds for the final runs on the test split (0: trials only, "
                                             "e.g. for extra workers on a cluster)"),
     validation: float = typer.Option(0.1, help="share of the training set held out to score trials on"),
-    seed: Optional[int] = typer.Option(None, help="trials' seed and Sobol seed (default: the preset's first seed)"),
+    seed: int = typer.Option(1000, help="trials' seed and Sobol seed; the final runs use other seeds (compare's)"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage shared by all workers: sqlite:///PATH (default "
                                                       "RESULTS/tune/optuna.sqlite3), postgresql://USER@HOST/DB, "
                                                       "journal:PATH"),
@@ -211,14 +211,16 @@ def tune(
         fail("--margin must be in [0, 100) percentage points")
     results = results_dir or f"results/{preset}"
     try:
-        tune_seed = seed if seed is not None else preset_seeds(preset)[0]
+        if not 0 <= seed < 2**31:
+            fail("--seed must be a whole number in [0, 2**31)")
         plan = make_plan(preset, names, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
             depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
-            results_dir=results), space, trials, tune_seed, validation, storage, heartbeat)
+            results_dir=results), space, trials, seed, validation, storage, heartbeat)
         outcome = run_tune(plan, workers, final_seeds,
                            lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=True),
-                           lambda text: console.print(text, soft_wrap=True), quiet=quiet)
+                           lambda text: console.print(text, soft_wrap=True), quiet=quiet,
+                           preferred_seeds=preset_seeds(preset))
         if outcome.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
         report = build_tuning_report(outcome, margin / 100)

@@ -129,7 +129,8 @@ def show_tuning(report: Any) -> None:
         out.print()
     for line in report.protocol:
         out.print(f"[dim]{line}[/dim]", soft_wrap=True)
-    out.print(rich_table(report.display, "What tuning did (val: validation split, trials; test: final seeds)"))
+    out.print(rich_table(report.display, "What tuning did (val: validation accuracy of the trials; test: test accuracy over the final seeds; "
+                              "epochs, device-s: compute the trials spent)"))
     for warning in report.warnings:
         out.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     if report.defaults is not None:

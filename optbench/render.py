@@ -136,13 +136,13 @@ def tuning_display(summaries: list[Any]) -> pd.DataFrame:
             "trials": f"{s.trials_used}/{s.budget}",
             "defaults": _params(s.defaults),
             "chosen": _params(s.chosen) + (" (= defaults)" if s.chosen == s.defaults else ""),
-            "val acc defaults": _pct(s.default_val),
-            "val acc tuned": _pct(s.tuned_val),
-            "test acc defaults": _pct(s.default_test),
-            "test acc tuned": _pct(s.tuned_test),
+            "val defaults": _pct(s.default_val),
+            "val tuned": _pct(s.tuned_val),
+            "test defaults": _pct(s.default_test),
+            "test tuned": _pct(s.tuned_test),
             "tuning epochs": f"{s.compute['epochs']:,}",
-            "tuning device-s": _seconds(s.compute["device_seconds"]),
-            "Hessian estimates": f"{s.compute['hessian_updates']:,}" if s.compute["hessian_updates"] else "-",
+            "device-s": _seconds(s.compute["device_seconds"]),
+            "Hessian est.": f"{s.compute['hessian_updates']:,}" if s.compute["hessian_updates"] else "-",
         })
     return pd.DataFrame(rows)
 

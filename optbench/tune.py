@@ -88,6 +88,7 @@ def open_storage(url: str, heartbeat_s: int = DEFAULT_HEARTBEAT_S):
             path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        url = _with_postgres_driver(url)
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(
@@ -97,6 +98,17 @@ def open_storage(url: str, heartbeat_s: int = DEFAULT_HEARTBEAT_S):
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise TuneError(f"cannot open the Optuna storage {_redact(url)} ({exc.__class__.__name__}: {first}): "
                         "check --storage (sqlite:///PATH, postgresql://USER@HOST:PORT/DB or journal:PATH)") from None
+
+
+def _with_postgres_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the `postgres` extra installs psycopg2.
+    Name the driver that is installed when the URL names none."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def _redact(url: str) -> str:
@@ -221,10 +233,7 @@ def draw_points(spec: StudySpec, kind: str, budget: int, seed: int) -> list[dict
     QMCSampler). Drawn in a throwaway in-memory study, so the same seed gives the same points on every
     machine and on every re-plan. The grid point equal to the defaults is not drawn twice."""
     import optuna
-    from optuna.distributions import FloatDistribution
-
     _quiet_optuna()
-    distributions = {p.name: FloatDistribution(p.low, p.high, log=p.log) for p in spec.space.params}
     if kind == "grid":
         sampler = optuna.samplers.GridSampler({p.name: list(p.grid) for p in spec.space.params}, seed=seed)
     else:
@@ -234,14 +243,17 @@ def draw_points(spec: StudySpec, kind: str, budget: int, seed: int) -> list[dict
     # so the Sobol points start at the sequence's first point.
     scratch.enqueue_trial(spec.defaults)
     points: list[dict[str, float]] = []
-    for _ in range(budget + spec.space.grid_size + 1):  # the grid ends; the loop must too
-        if len(points) == budget:
-            break
-        trial = scratch.ask(distributions)
-        scratch.tell(trial, 0.0)
-        params = {name: float(trial.params[name]) for name in spec.space.names}
+
+    def draw(trial) -> float:
+        params = {p.name: float(trial.suggest_float(p.name, p.low, p.high, log=p.log)) for p in spec.space.params}
         if params not in points:
             points.append(params)
+        if len(points) == budget:
+            trial.study.stop()
+        return 0.0
+
+    # GridSampler stops the study itself when the grid is exhausted; n_trials bounds the Sobol case.
+    scratch.optimize(draw, n_trials=budget + spec.space.grid_size + 1)
     return points
 
 
@@ -399,17 +411,24 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
             if status.done:
                 continue
             all_done = False
+            if not status.waiting and not status.running and status.retry_pending:
+                # Failed trials whose re-queueing was lost (the process died between the two): re-queue.
+                for t in _lost_retries(study, plan.budget):
+                    retry(study, t)
+                continue
             if status.waiting:
                 current: dict[str, Any] = {}
                 try:
                     study.optimize(objective_for(spec, current), n_trials=1)
-                except TrialInterrupted:
-                    # Optuna marked it FAIL; re-queue it now with Optuna's own retry callback.
-                    callback = storage.get_heartbeat_stale_trial_callback() if beating else None
-                    if callback is not None and "number" in current:
-                        callback(study, study.trials[current["number"]])
-                    done_here["interrupted"] = True
-                    return done_here
+                except BaseException as exc:
+                    # Optuna marked the trial FAIL (stopped, or an error such as missing data): re-queue it
+                    # with Optuna's retry callback, so the slot is not lost and its run resumes later.
+                    if "number" in current:
+                        retry(study, next(t for t in study.get_trials(deepcopy=False) if t.number == current["number"]))
+                    if isinstance(exc, TrialInterrupted):
+                        done_here["interrupted"] = True
+                        return done_here
+                    raise
                 progressed = True
                 break  # back to the first study: workers finish the optimizers in the same order
         if all_done:
@@ -421,6 +440,26 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
                                                                 plan.budget, MAX_RETRY).done]
                 return done_here
             time.sleep(min(1.0, plan.heartbeat_s / 2))  # others' trials run, or a dead one goes stale
+
+
+def retry(study, trial) -> None:
+    """Re-queue a FAIL trial as Optuna's heartbeat does for a stale one (same parameters and slot,
+    `retry_history` extended, at most MAX_RETRY times)."""
+    import optuna
+
+    if trial.state == optuna.trial.TrialState.FAIL:
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def _lost_retries(study, budget: int) -> list:
+    """FAIL trials that are the newest of their slot, with retries left and no retry queued."""
+    newest: dict[int, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        slot = t.user_attrs.get("slot")
+        if slot is not None and slot < budget and (slot not in newest or t.number > newest[slot].number):
+            newest[slot] = t
+    return [t for t in newest.values() if t.state.name == "FAIL"
+            and len(t.system_attrs.get("retry_history", [])) + 1 <= MAX_RETRY]
 
 
 def _spawned_worker(plan: TunePlan, name: str, threads: int | None, visible_devices: str | None, quiet: bool) -> None:
@@ -466,13 +505,22 @@ class TuneOutcome:
     interrupted: bool = False
 
 
-def final_seeds(tune_seed: int, count: int) -> list[int]:
-    """K seeds never used in tuning (trials all use `tune_seed`)."""
-    return [tune_seed + i for i in range(1, count + 1)]
+TUNING_SEED = 1000  # the trials' seed by default: far from the seeds compare and the final runs use
+
+
+def final_seeds(tune_seed: int, count: int, preferred: list[int] | None = None) -> list[int]:
+    """K seeds never used in tuning (every trial uses `tune_seed`): compare's seeds first (the preset's,
+    then 0, 1, 2, ...), so the defaults' final runs are compare's own runs and are reused both ways."""
+    out: list[int] = []
+    for s in [*(preferred or []), *range(count + len(preferred or []) + 1)]:
+        if s != tune_seed and s not in out and len(out) < count:
+            out.append(s)
+    return out
 
 
 def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Callable[[RunConfig], Any],
-             announce: Callable[[str], None], quiet: bool = False) -> TuneOutcome:
+             announce: Callable[[str], None], quiet: bool = False, preferred_seeds: list[int] | None = None
+             ) -> TuneOutcome:
     """Plan, run the trials (this process or `workers` processes), then the final runs."""
     from optbench.compare import plan_runs, run_comparison
 
@@ -500,7 +548,7 @@ def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Call
     outcome.chosen = {opt: dict(best_trial(budget.settled)["params"]) for opt, (budget, _) in status.items()}
     if final_count <= 0:
         return outcome
-    outcome.final_seeds = final_seeds(plan.seed, final_count)
+    outcome.final_seeds = final_seeds(plan.seed, final_count, preferred_seeds)
     names = list(plan.optimizers)
     final_overrides = {k: v for k, v in plan.overrides.items() if k != "seed"}
     # The defaults on the full training set are compare's own runs (same directory: each reuses the other's).
@@ -508,8 +556,13 @@ def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Call
     outcome.default_records = run_comparison(plan_runs(plan.preset, names, outcome.final_seeds, final_overrides),
                                              False, make_reporter, announce)
     announce("final runs: the tuned settings")
+    # Where tuning kept the defaults, the tuned final runs are the defaults' runs (same config hash):
+    # planned in the defaults' directory, they are reused instead of trained twice.
+    kept = [opt for opt in names if outcome.chosen[opt] == {s.optimizer: s.defaults for s in plan.studies}[opt]]
+    changed = [opt for opt in names if opt not in kept]
     tuned_overrides = {**final_overrides, "results_dir": str(plan.tune_dir / f"final-{plan.tag}")}
-    outcome.tuned_records = run_comparison(plan_runs(plan.preset, names, outcome.final_seeds, tuned_overrides,
-                                                     outcome.chosen), False, make_reporter, announce)
+    configs = (plan_runs(plan.preset, changed, outcome.final_seeds, tuned_overrides, outcome.chosen)
+               + plan_runs(plan.preset, kept, outcome.final_seeds, final_overrides))
+    outcome.tuned_records = run_comparison(configs, False, make_reporter, announce)
     outcome.interrupted = any(r["status"] == "interrupted" for r in outcome.default_records + outcome.tuned_records)
     return outcome

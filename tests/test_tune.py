@@ -1,0 +1,319 @@
+"""`optbench tune` end to end on tiny real training: Optuna studies on SQLite and on a real PostgreSQL
+server, the validation split (the test split is never read), equal budgets after SIGKILL and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import optbench.data
+from optbench.cli import app
+from optbench.data import holdout_validation, load_dataset
+from optbench.records import load_records
+from optbench.tune import MAX_RETRY, default_storage, draw_points, make_plan, open_storage, trial_dicts
+from optbench.tune_analysis import budget_status
+
+# TINY (tests/conftest.py) as command-line options: synthetic data, depth 1, 2 epochs.
+WORKLOAD = ["--preset", "smoke", "--dataset", "synthetic", "--depth", "1", "--batch-size", "16", "--subset", "200",
+            "--test-subset", "60", "--device", "cpu"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plan_for(results: Path, optimizers=("adamw", "lion"), trials=3, space="grid", epochs=2, storage=None):
+    overrides = {"dataset": "synthetic", "depth": 1, "batch_size": 16, "subset": 200, "test_subset": 60,
+                 "device": "cpu", "epochs": epochs, "results_dir": str(results)}
+    return make_plan("smoke", list(optimizers), overrides, space, trials, 1000, 0.1, storage, heartbeat_s=1)
+
+
+def studies(plan, storage=None) -> dict[str, list[dict]]:
+    storage = storage or open_storage(plan.storage, heartbeat_s=1)
+    return {s.optimizer: trial_dicts(optuna.load_study(study_name=s.name, storage=storage), s.optimizer)
+            for s in plan.studies}
+
+
+# --- the validation split and the plan ------------------------------------------------------------
+
+
+def test_validation_split_is_fixed_class_balanced_and_carries_no_test_images():
+    data = load_dataset("synthetic", subset=200, test_subset=60)
+    held = holdout_validation(data, 0.1, seed=0)
+    assert held.test_x.shape[0] == 20 and held.train_x.shape[0] == 180
+    assert np.bincount(held.test_y.numpy(), minlength=10).tolist() == [2] * 10
+    train_rows = {bytes(x.numpy().tobytes()) for x in held.train_x}
+    assert not any(bytes(x.numpy().tobytes()) in train_rows for x in held.test_x)  # disjoint
+    test_rows = {bytes(x.numpy().tobytes()) for x in data.test_x}
+    assert not any(bytes(x.numpy().tobytes()) in test_rows for x in held.test_x)  # not the test split
+    again = holdout_validation(data, 0.1, seed=0)
+    assert torch.equal(again.test_x, held.test_x)  # fixed
+    with pytest.raises(optbench.errors.DataError, match="at least one per class"):
+        holdout_validation(data, 0.01, seed=0)
+
+
+def test_grid_plan_is_the_defaults_then_the_rest_of_the_grid(tmp_path: Path):
+    plan = plan_for(tmp_path, optimizers=("lion",), trials=12)
+    spec = plan.studies[0]
+    points = draw_points(spec, "grid", 12, seed=0)
+    assert points[0] == {"lr": 1e-4, "weight_decay": 0.5}
+    assert sorted(map(lambda p: tuple(p.values()), points)) == sorted(tuple(p.values()) for p in spec.space.grid_points())
+    assert draw_points(spec, "grid", 4, seed=0) == points[:4]  # a larger budget extends a smaller one
+
+
+def test_sobol_plan_maps_one_sequence_into_each_optimizers_ranges(tmp_path: Path):
+    plan = plan_for(tmp_path, optimizers=("adamw", "lion"), trials=5, space="sobol")
+    positions = []
+    for spec in plan.studies:
+        points = draw_points(spec, "sobol", 5, seed=0)
+        assert points[0] == spec.defaults and len({tuple(p.values()) for p in points}) == 5
+        positions.append([[spec.space.param(k).position(v) for k, v in p.items()] for p in points[1:]])
+        assert all(0 <= x <= 1 for row in positions[-1] for x in row)
+    assert np.allclose(positions[0], positions[1])  # the same unit points for every optimizer
+    assert draw_points(plan.studies[0], "sobol", 5, seed=1) != draw_points(plan.studies[0], "sobol", 5, seed=0)
+
+
+def test_bad_tune_options_are_one_line_errors(tmp_path: Path):
+    runner = CliRunner()
+    for args, message in ((["--trials", "13"], "exceeds adamw's grid of 12 points"),
+                          (["--space", "random"], "unknown --space"),
+                          (["--validation", "0.9"], "--validation must be a fraction"),
+                          (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the Optuna storage"),
+                          (["--optimizers", "adamw,adam"], "unknown optimizer 'adam'")):
+        result = runner.invoke(app, ["tune", *WORKLOAD, "--epochs", "2", "--results-dir", str(tmp_path), *args])
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+
+
+# --- a small tune through the real CLI, on the default SQLite storage -----------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> tuple[Path, str]:
+    results = tmp_path_factory.mktemp("tune")
+    args = ["tune", *WORKLOAD, "--epochs", "2", "--optimizers", "adamw,lion", "--trials", "3", "--final-seeds", "2",
+            "--results-dir", str(results)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return results, result.output
+
+
+def test_tune_prints_choice_defaults_compute_and_both_verdicts(tuned):
+    results, output = tuned
+    for text in ("What tuning did", "chosen", "val defaults", "test tuned", "device-s", "lr 0.001, wd 0.05",
+                 "Lion saves >= 30% peak memory vs AdamW", "modern optimizer matches or beats AdamW",
+                 "With the defaults (same final seeds)"):
+        assert text in output, text
+    assert "tuning changed" in output
+    tune_dir = results / "tune"
+    for name in ("tuning-grid-3.csv", "tuning-grid-3.md", "tuning-grid-3-curve.png", "tuning-grid-3-lr.png"):
+        assert (tune_dir / name).stat().st_size > 0
+    assert (results / "tune" / "optuna.sqlite3").is_file()
+
+
+def test_every_optimizer_got_exactly_the_budget_and_the_study_points_at_records(tuned):
+    results, _ = tuned
+    plan = plan_for(results)
+    trial_records = {r["config_hash"]: r for r in load_records(results / "tune" / "trials").records}
+    for opt, trials in studies(plan).items():
+        assert len(trials) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+        assert sorted(t["slot"] for t in trials) == [0, 1, 2]
+        for t in trials:
+            record = json.loads(Path(t["record"]).read_text())
+            assert record["config_hash"] == t["config_hash"] and record["optimizer"] == opt
+            assert record["evaluated_on"] == "validation" and record["final_test_acc"] is None
+            assert record["config"]["validation_fraction"] == 0.1 and record["dataset"]["test_images"] is None
+            assert t["value"] == record["final_val_acc"]
+            assert {k: record["config"]["hparams"][k] for k in t["params"]} == t["params"]
+            assert t["config_hash"] in trial_records
+
+
+def test_tuning_table_recomputes_from_the_records(tuned):
+    results, _ = tuned
+    table = pd.read_csv(results / "tune" / "tuning-grid-3.csv").set_index("optimizer")
+    trial_records = load_records(results / "tune" / "trials").records
+    final_dir = results / "tune" / "final-grid-3"
+    finals = load_records(final_dir).records if final_dir.is_dir() else []
+    defaults = load_records(results).records
+    for opt in ("adamw", "lion"):
+        mine = [r for r in trial_records if r["optimizer"] == opt]
+        best = max(r["final_val_acc"] for r in mine)
+        assert table.loc[opt, "tuned_val_acc"] == pytest.approx(best)
+        chosen = {k: table.loc[opt, f"chosen_{k}"] for k in ("lr", "weight_decay")}
+        # Where tuning kept the defaults, the tuned final runs are the defaults' own runs (reused, not rerun).
+        tuned_finals = [r for r in finals if r["optimizer"] == opt] or [
+            r for r in defaults if r["optimizer"] == opt and table.loc[opt, "default_lr"] == chosen["lr"]
+            and table.loc[opt, "default_weight_decay"] == chosen["weight_decay"]]
+        assert sorted(r["config"]["seed"] for r in tuned_finals) == [0, 1]  # fresh: the trials used 1000
+        assert all(r["config"]["hparams"][k] == pytest.approx(v) for r in tuned_finals for k, v in chosen.items())
+        assert all(r["config"].get("validation_fraction", 0) == 0 and r["final_test_acc"] is not None
+                   for r in tuned_finals)
+        assert table.loc[opt, "tuned_test_acc"] == pytest.approx(np.mean([r["final_test_acc"] for r in tuned_finals]))
+        assert table.loc[opt, "default_test_acc"] == pytest.approx(
+            np.mean([r["final_test_acc"] for r in defaults if r["optimizer"] == opt]))
+        assert table.loc[opt, "tuning_epochs"] == sum(r["epochs_completed"] for r in mine)
+        assert table.loc[opt, "tuning_device_seconds"] == pytest.approx(
+            sum(r["train_wall_time_s"] + r["eval_wall_time_s"] for r in mine))
+
+
+def test_a_second_tune_reuses_every_trial_and_run(tuned):
+    results, _ = tuned
+    before = sorted(p.name for p in results.rglob("*.json"))
+    again = CliRunner().invoke(app, ["tune", *WORKLOAD, "--epochs", "2", "--optimizers", "adamw,lion", "--trials", "3",
+                                     "--final-seeds", "2", "--results-dir", str(results)])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in results.rglob("*.json")) == before
+    assert again.output.count("reusing") == 8
+
+
+def test_trials_never_read_the_test_split(tuned, tmp_path: Path, monkeypatch):
+    """The same trials with the test split's images and labels poisoned: identical scores and weights."""
+    results, _ = tuned
+    clean = {r["config_hash"]: r for r in load_records(results / "tune" / "trials").records}
+    real_load = optbench.data.load_dataset
+
+    def poisoned(*args, **kwargs):
+        data = real_load(*args, **kwargs)
+        data.test_x = torch.randint(0, 256, data.test_x.shape, dtype=torch.uint8)
+        data.test_y = (data.test_y + 1) % data.spec.num_classes
+        return data
+
+    monkeypatch.setattr(optbench.data, "load_dataset", poisoned)
+    result = CliRunner().invoke(app, ["tune", *WORKLOAD, "--epochs", "2", "--optimizers", "adamw,lion", "--trials",
+                                      "3", "--final-seeds", "0", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    again = {r["config_hash"]: r for r in load_records(tmp_path / "tune" / "trials").records}
+    assert set(again) == set(clean) and len(again) == 6
+    for h, rec in again.items():
+        assert rec["final_val_acc"] == clean[h]["final_val_acc"]
+        assert rec["final_weights_sha256"] == clean[h]["final_weights_sha256"]
+        assert [row["val_acc"] for row in rec["history"]] == [row["val_acc"] for row in clean[h]["history"]]
+
+
+# --- killed workers: SQLite resume, PostgreSQL with two workers ----------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def start_tune(results: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "optbench.cli", "tune", *WORKLOAD, "--optimizers", "adamw,lion", "--trials", "3",
+            "--final-seeds", "0", "--heartbeat", "1", "--epochs", "8", "--results-dir", str(results), *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def kill_mid_trial(proc: subprocess.Popen, plan, storage_url: str, timeout: float = 180) -> dict:
+    """SIGKILL `proc` while it runs a trial whose run has written a checkpoint; returns that trial."""
+    worker = f"{socket.gethostname()}:{proc.pid}"
+    storage = open_storage(storage_url, heartbeat_s=1)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        checkpoints = {p.stem for p in (plan.trials_dir / "checkpoints").glob("*.pt")}
+        if not checkpoints:
+            time.sleep(0.01)
+            continue
+        try:
+            running = [t for trials in studies(plan, storage).values() for t in trials
+                       if t["state"] == "RUNNING" and t["worker"] == worker and t["config_hash"] in checkpoints]
+        except Exception:  # the study may not exist yet
+            running = []
+        if running:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return running[0]
+    raise AssertionError("no trial with a checkpoint appeared in time")
+
+
+def assert_killed_trial_was_retried_and_resumed(plan, storage_url: str, killed: dict) -> dict[str, list[dict]]:
+    by_opt = studies(plan, open_storage(storage_url, heartbeat_s=1))
+    for opt, trials in by_opt.items():
+        status = budget_status(trials, 3, MAX_RETRY)
+        assert status.done and sorted(status.settled) == [0, 1, 2], (opt, trials)
+        assert sum(t["state"] == "COMPLETE" for t in trials) == 3  # exactly the budget, not one more
+    trials = by_opt[killed["optimizer"]]
+    failed = next(t for t in trials if t["number"] == killed["number"])
+    assert failed["state"] == "FAIL"
+    retry = next(t for t in trials if t["retry_history"] and t["retry_history"][0] == killed["number"])
+    assert retry["state"] == "COMPLETE" and retry["slot"] == killed["slot"] and retry["params"] == killed["params"]
+    assert retry["config_hash"] == killed["config_hash"]
+    record = json.loads(Path(retry["record"]).read_text())
+    assert record["resumed"] is True and record["status"] == "ok"  # continued from the checkpoint
+    return by_opt
+
+
+def test_killed_tune_resumes_to_exactly_the_budget(tmp_path: Path):
+    results = tmp_path / "results"
+    plan = plan_for(results, epochs=8)
+    proc = start_tune(results)
+    killed = kill_mid_trial(proc, plan, default_storage(results))
+    again = start_tune(results)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert_killed_trial_was_retried_and_resumed(plan, default_storage(results), killed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    """A real PostgreSQL server in a temporary directory, run as the postgres user, stopped afterwards."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not bins or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL server binaries (Debian's postgresql package) or runuser are not installed; "
+                    ".ci/run installs them")
+    bindir = bins[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="optbench-pg-"))
+    shutil.chown(root, "postgres", "postgres")
+    data = root / "data"
+    port = _free_port()
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([*as_pg, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "optbench"], check=True,
+                       capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/optbench"
+    finally:
+        subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_on_postgresql_share_the_study_and_survive_a_sigkill(tmp_path: Path, postgres_url: str):
+    results = tmp_path / "results"
+    plan = plan_for(results, epochs=8, storage=postgres_url)
+    first, second = start_tune(results, "--storage", postgres_url), start_tune(results, "--storage", postgres_url)
+    killed = kill_mid_trial(first, plan, postgres_url)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    by_opt = assert_killed_trial_was_retried_and_resumed(plan, postgres_url, killed)
+    survivor = f"{socket.gethostname()}:{second.pid}"
+    killed_worker = f"{socket.gethostname()}:{first.pid}"
+    completed = [t for trials in by_opt.values() for t in trials if t["state"] == "COMPLETE"]
+    slots = [(t["optimizer"], t["slot"]) for t in completed]
+    assert len(slots) == len(set(slots)) == 6  # disjoint: no slot completed twice; union: the whole budget
+    assert {t["worker"] for t in completed} <= {survivor, killed_worker}
+    assert any(t["worker"] == killed_worker for trials in by_opt.values() for t in trials)  # both took part
+    retry = next(t for t in by_opt[killed["optimizer"]] if t["retry_history"])
+    assert retry["worker"] == survivor  # the other worker finished the killed trial
