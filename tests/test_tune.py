@@ -317,3 +317,16 @@ def test_two_workers_on_postgresql_share_the_study_and_survive_a_sigkill(tmp_pat
     assert any(t["worker"] == killed_worker for trials in by_opt.values() for t in trials)  # both took part
     retry = next(t for t in by_opt[killed["optimizer"]] if t["retry_history"])
     assert retry["worker"] == survivor  # the other worker finished the killed trial
+
+
+def test_workers_option_spawns_processes_that_share_the_study(tmp_path: Path):
+    results = tmp_path / "results"
+    args = [sys.executable, "-m", "optbench.cli", "tune", *WORKLOAD, "--optimizers", "adamw,lion", "--trials", "2",
+            "--final-seeds", "0", "--epochs", "2", "--workers", "2", "--results-dir", str(results)]
+    done = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    by_opt = studies(plan_for(results, trials=2))
+    completed = [t for trials in by_opt.values() for t in trials if t["state"] == "COMPLETE"]
+    assert sorted((t["optimizer"], t["slot"]) for t in completed) == [("adamw", 0), ("adamw", 1), ("lion", 0),
+                                                                       ("lion", 1)]
+    assert {t["worker"] for t in completed} <= {"worker0", "worker1"}
