@@ -177,6 +177,15 @@ def test_bad_settings_are_rejected(overrides, match):
 def test_identity_excludes_location_and_verbosity_only():
     cfg = resolve_config("adamw", "smoke")
     identity = cfg.identity
+    # The validation split joins the identity only when there is one: runs scored on the test split keep
+    # the hashes they had before the field existed.
     assert set(identity) == {f.name for f in dataclasses.fields(RunConfig)} - {
-        "data_dir", "download", "results_dir", "log_every", "preset"}
+        "data_dir", "download", "results_dir", "log_every", "preset", "validation_fraction", "validation_seed"}
+    trial = resolve_config("adamw", "smoke", {"validation_fraction": 0.1})
+    assert trial.identity["validation_fraction"] == 0.1 and trial.identity["validation_seed"] == 0
+    assert trial.config_hash != cfg.config_hash
+    assert resolve_config("adamw", "smoke", {"validation_fraction": 0.1, "validation_seed": 1}).config_hash \
+        != trial.config_hash
+    with pytest.raises(ConfigError, match="validation fraction must be a number in"):
+        resolve_config("adamw", "smoke", {"validation_fraction": 0.9})
     assert math.isclose(identity["hparams"]["lr"], 1e-3)
