@@ -233,6 +233,7 @@ def draw_points(spec: StudySpec, kind: str, budget: int, seed: int) -> list[dict
     QMCSampler). Drawn in a throwaway in-memory study, so the same seed gives the same points on every
     machine and on every re-plan. The grid point equal to the defaults is not drawn twice."""
     import optuna
+
     _quiet_optuna()
     if kind == "grid":
         sampler = optuna.samplers.GridSampler({p.name: list(p.grid) for p in spec.space.params}, seed=seed)

@@ -330,3 +330,15 @@ def test_workers_option_spawns_processes_that_share_the_study(tmp_path: Path):
     assert sorted((t["optimizer"], t["slot"]) for t in completed) == [("adamw", 0), ("adamw", 1), ("lion", 0),
                                                                        ("lion", 1)]
     assert {t["worker"] for t in completed} <= {"worker0", "worker1"}
+
+
+def test_journal_file_storage_holds_the_study(tmp_path: Path):
+    journal = tmp_path / "shared" / "journal.log"
+    result = CliRunner().invoke(app, ["tune", *WORKLOAD, "--epochs", "1", "--optimizers", "adamw", "--trials", "2",
+                                      "--final-seeds", "0", "--storage", f"journal:{journal}",
+                                      "--results-dir", str(tmp_path / "results")])
+    assert result.exit_code == 0, result.output
+    assert journal.stat().st_size > 0 and not (tmp_path / "results" / "tune" / "optuna.sqlite3").exists()
+    plan = plan_for(tmp_path / "results", optimizers=("adamw",), trials=2, epochs=1, storage=f"journal:{journal}")
+    trials = studies(plan)["adamw"]
+    assert sorted(t["slot"] for t in trials if t["state"] == "COMPLETE") == [0, 1]
