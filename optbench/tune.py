@@ -556,6 +556,9 @@ def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Call
     announce(f"final runs, seeds {', '.join(map(str, outcome.final_seeds))}: the defaults")
     outcome.default_records = run_comparison(plan_runs(plan.preset, names, outcome.final_seeds, final_overrides),
                                              False, make_reporter, announce)
+    if any(r["status"] == "interrupted" for r in outcome.default_records):
+        outcome.interrupted = True  # stopped (Ctrl-C, SIGTERM): the same command resumes from here
+        return outcome
     announce("final runs: the tuned settings")
     # Where tuning kept the defaults, the tuned final runs are the defaults' runs (same config hash):
     # planned in the defaults' directory, they are reused instead of trained twice.
