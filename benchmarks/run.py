@@ -297,7 +297,7 @@ def bench_step(p: Profile, results: dict[str, Any]) -> None:
     entry, hp = get_entry("adamw"), hparams("adamw")
     model_a = build_model(VIT_TINY, SPEC, seed=0, depth=p.vit_depth)
     model_b = copy.deepcopy(model_a)
-    built = entry.build(model_a.parameters(), hp, BuildContext("cpu", total_steps=1000, warmup_steps=0))
+    built = entry.make(model_a, hp, BuildContext("cpu", total_steps=1000, warmup_steps=0))
     opt_a = built.optimizer
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"],
                               weight_decay=hp["weight_decay"])  # torch's default code path: for-loop on CPU
@@ -370,7 +370,7 @@ def bench_optimizers(p: Profile, results: dict[str, Any]) -> None:
     for name in OPTIMIZERS:
         entry = get_entry(name)
         model = copy.deepcopy(base)
-        built = entry.build(model.parameters(), hparams(name), ctx)
+        built = entry.make(model, hparams(name), ctx)
         run = {"entry": entry, "model": model, "opt": built.optimizer, "impl": built.implementation,
                "batches": endless_batches(data, b), "blocks": [], "step_plain": [], "step_hessian": [],
                "hessian": False, "t0": 0.0}
@@ -556,7 +556,7 @@ def run_optbench_e2e(cfg: E2EConfig, data: ImageData, steps: int) -> dict[str, A
     entry, hp = get_entry("adamw"), hparams("adamw")
     model = build_model(cfg.model, SPEC, seed=0, depth=cfg.depth)
     warmup = resolved_warmup_steps(500, steps)
-    optimizer = entry.build(model.parameters(), hp, BuildContext("cpu", steps, warmup)).optimizer
+    optimizer = entry.make(model, hp, BuildContext("cpu", steps, warmup)).optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     timer = PhaseTimer(model)
     timer.attach(optimizer)

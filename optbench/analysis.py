@@ -17,9 +17,8 @@ from typing import Any
 import pandas as pd
 
 from optbench.errors import OptbenchError
-from optbench.optimizers import BASELINE, OPTIMIZER_NAMES
+from optbench.optimizers import BASELINE, COURSE_SET, MEMORY_CHALLENGER, optimizer_names
 
-MODERN = tuple(name for name in OPTIMIZER_NAMES if name != BASELINE)  # everything the baseline is compared to
 MEMORY_TARGET = 0.30  # the course: "Lion must save >= 30% VRAM vs AdamW"
 DEFAULT_MARGIN = 0.01  # accuracy non-inferiority margin, as a fraction (1 percentage point)
 # Settings that define a workload: runs that differ in any of them are never compared in one table.
@@ -132,7 +131,7 @@ def _std(values: list[Any]) -> float | None:
 
 
 def optimizer_order(names: list[str]) -> list[str]:
-    known = [n for n in (BASELINE, *MODERN) if n in names]
+    known = [n for n in optimizer_names() if n in names]  # the registry's order, the baseline first
     return known + sorted(n for n in names if n not in known)
 
 
@@ -218,8 +217,8 @@ def memory_criterion(records: list[dict[str, Any]]) -> Verdict:
     (state_AdamW - state_Lion) / (params + grads + state_AdamW) that holds even with no activations.
     """
     name = "Lion saves >= 30% peak memory vs AdamW"
-    adamw, lion = _ok(records, BASELINE), _ok(records, "lion")
-    missing = [n for n, runs in ((BASELINE, adamw), ("lion", lion)) if not runs]
+    adamw, lion = _ok(records, BASELINE), _ok(records, MEMORY_CHALLENGER)
+    missing = [n for n, runs in ((BASELINE, adamw), (MEMORY_CHALLENGER, lion)) if not runs]
     if missing:
         return Verdict(name, None, f"cannot be checked: no finished {' or '.join(missing)} run")
     peak_a, peak_l = _mean([r.get("peak_memory_bytes") for r in adamw]), _mean([r.get("peak_memory_bytes") for r in lion])
@@ -297,7 +296,7 @@ def accuracy_criterion(records: list[dict[str, Any]], margin: float = DEFAULT_MA
                   f"is > -{100 * margin:.1f} pp")
     details, matched, figures = [], [], {"adamw_acc_mean": mean(base), "margin": margin}
     checked = 0
-    for opt in MODERN:
+    for opt in [n for n in optimizer_order(sorted({r["optimizer"] for r in records})) if n != BASELINE]:
         runs = [r for r in records if r["optimizer"] == opt]
         vals = _finite([r.get("final_test_acc") for r in _ok(records, opt)])
         failed = len(runs) - len(vals)
@@ -378,7 +377,7 @@ def time_to_target(records: list[dict[str, Any]]) -> pd.DataFrame:
 def missing_runs(records: list[dict[str, Any]], expected_optimizers: list[str] | None = None) -> list[str]:
     """Lines naming what the table cannot show: optimizers without a finished run, failed runs."""
     present = {r["optimizer"] for r in records}
-    expected = expected_optimizers or [BASELINE, *MODERN]
+    expected = expected_optimizers or list(COURSE_SET)
     out = [f"{opt}: no record" for opt in expected if opt not in present]
     for rec in records:
         if rec["status"] != "ok":

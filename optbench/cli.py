@@ -52,7 +52,8 @@ def run_overrides(**kwargs: Any) -> dict[str, Any]:
 
 @app.command()
 def run(
-    optimizer: str = typer.Option(..., "--optimizer", "-o", help="adamw, lion, sophia or schedulefree"),
+    optimizer: str = typer.Option(..., "--optimizer", "-o", help="an optimizer of the registry: adamw, lion, sophia, "
+                                  "schedulefree, muon, ... (`optbench optimizers` lists them)"),
     preset: str = typer.Option("cifar10", help="a preset from configs/presets (smoke, cifar10, homework, ...)"),
     dataset: Optional[str] = typer.Option(None, help="cifar10, cifar100, fashion_mnist, digits or synthetic"),
     epochs: Optional[int] = typer.Option(None, help="training epochs"),
@@ -117,7 +118,8 @@ def _csv_list(text: str, what: str, cast=str) -> list:
 @app.command()
 def compare(
     preset: str = typer.Option("smoke", help="workload preset from configs/presets (smoke, cifar10, homework, ...)"),
-    optimizers: str = typer.Option("adamw,lion,sophia,schedulefree", help="comma-separated optimizers"),
+    optimizers: Optional[str] = typer.Option(None, help="comma-separated optimizers, or 'all' (default: the course's "
+                                             "four, adamw,lion,sophia,schedulefree)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the preset's)"),
     dataset: Optional[str] = typer.Option(None, help="override the preset's dataset"),
     epochs: Optional[int] = typer.Option(None, help="override the preset's epochs (matched for all)"),
@@ -141,9 +143,11 @@ def compare(
     from optbench.console import RichReporter, console, show_report
     from optbench.report import build_report
 
-    names = _csv_list(optimizers, "--optimizers")
+    from optbench.optimizers import select
+
     results = results_dir or f"results/{preset}"
     try:
+        names = select(optimizers)
         seed_list = _csv_list(seeds, "--seeds", int) if seeds else preset_seeds(preset)
         if any(not 0 <= s < 2**31 for s in seed_list):
             fail("--seeds must be whole numbers in [0, 2**31)")
@@ -258,19 +262,22 @@ def report(
 @app.command()
 def toy(
     function: str = typer.Option("rosenbrock", help="rosenbrock or quadratic (rotated, condition number 100)"),
-    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the function's, configs/toy.yaml)"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: the function's, from toy.yaml)"),
     start: Optional[str] = typer.Option(None, help="start point X,Y, e.g. --start=-1.2,1 (default: the function's)"),
     seed: Optional[int] = typer.Option(None, help="torch seed; Sophia's Hessian probes are random (default 0)"),
     out: Path = typer.Option(Path("results/toy"), help="folder for the two PNG figures"),
+    optimizers: Optional[str] = typer.Option(None, help="comma-separated optimizers, or 'all' (default: the course's four)"),
 ) -> None:
     """Race the optimizers on a 2-D function: paths over its contours, loss per step, and a table."""
     from rich.console import Console
 
+    from optbench.optimizers import select
     from optbench.toy import parse_start, run_notes, run_toy, summary_table
     from optbench.toy_plots import save_toy_plots
 
     try:
-        result = run_toy(function, steps=steps, start=None if start is None else parse_start(start), seed=seed)
+        result = run_toy(function, steps=steps, start=None if start is None else parse_start(start), seed=seed,
+                         optimizers=select(optimizers))
         files = save_toy_plots(result, out)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
@@ -293,20 +300,22 @@ def memory(
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)"),
     method: str = typer.Option("auto", help="auto (cuda if present, else estimate), cuda, tracked or estimate"),
     adamw_impl: str = typer.Option("foreach", help="AdamW baseline: foreach (torch's CUDA default), fused, forloop"),
-    optimizers: str = typer.Option("adamw,lion,sophia,schedulefree", help="comma-separated optimizers"),
+    optimizers: Optional[str] = typer.Option(None, help="comma-separated optimizers, or 'all' (default: the course's four)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
 ) -> None:
     """Where a training step's memory goes per optimizer, and when Lion saves 30% against AdamW."""
     from rich.console import Console
 
     from optbench.console import console
-    from optbench.memory import check_json_path, measure_memory, render_report, resolve_spec, write_json
+    from optbench.memory import check_json_path, measure_memory, resolve_spec, write_json
+    from optbench.optimizers import select
+    from optbench.render import render_memory_report
 
     try:
         if json_path is not None:
             check_json_path(json_path)
         spec = resolve_spec(model, batch_size, image_size=image_size, precision=precision, method=method,
-                            adamw_impl=adamw_impl, optimizers=_csv_list(optimizers, "--optimizers"),
+                            adamw_impl=adamw_impl, optimizers=select(optimizers),
                             num_classes=num_classes, patch_size=patch_size)
         result = measure_memory(spec, progress=lambda text: console.print(f"[dim]{text}[/dim]", soft_wrap=True))
         if json_path is not None:
@@ -318,9 +327,26 @@ def memory(
             raise
         fail(f"out of memory measuring {model} at batch size {batch_size} with --method {method}: "
              "use --method estimate (allocates nothing) or a smaller --batch-size")
-    render_report(result, Console(highlight=False))
+    render_memory_report(result, Console(highlight=False))
     if json_path is not None:
         console.print(f"written: {json_path}", soft_wrap=True)
+
+
+@app.command("optimizers")
+def list_optimizers() -> None:
+    """Every optimizer in the registry: library, class, defaults, state bytes per parameter, and what the
+    harness does around it."""
+    from rich.console import Console
+
+    from optbench.optimizers import describe_all
+
+    out = Console(highlight=False)
+    try:
+        for block in describe_all():
+            out.print(block, soft_wrap=True)
+            out.print()
+    except OptbenchError as exc:
+        fail(str(exc), exc.exit_code)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Presets and command-line overrides resolved into one validated, frozen run config.
 
-Every default lives in `configs/` (presets and optimizer hyperparameters); this module only merges,
+Every default lives in the settings files (`optbench/configs/`, read by `settings.py`) (presets and optimizer hyperparameters); this module only merges,
 checks and identifies. A config's identity (`config_hash`) covers everything that can change the
 numbers a run produces, and nothing that cannot (where results are written, where data is read from,
 console verbosity), so `compare` can recognise a finished run and reuse it.
@@ -11,23 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from optbench.errors import ConfigError
+from optbench.optimizers import get_entry
+from optbench.settings import load_preset
 
-CONFIG_DIR = Path(os.environ.get("OPTBENCH_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "digits", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Warmup is the course's 500 steps, capped at this share of the run so short runs still train.
 WARMUP_MAX_FRACTION = 0.1
-# Keys of configs/optimizers/NAME.yaml that are not hyperparameters (display, and what `tune` searches).
-NON_HPARAM_KEYS = ("title", "color", "search_space")
 
 
 @dataclass(frozen=True)
@@ -84,35 +81,6 @@ def resolved_warmup_steps(requested: int, total_steps: int) -> int:
     return max(0, min(requested, math.ceil(WARMUP_MAX_FRACTION * total_steps)))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix or restore it") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of settings")
-    return data
-
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "presets").glob("*.yaml"))
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    path = CONFIG_DIR / "presets" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(available_presets())}")
-    return _read_yaml(path)
-
-
-def optimizer_defaults(name: str) -> dict[str, Any]:
-    """The course's hyperparameters for one optimizer, from configs/optimizers/NAME.yaml."""
-    path = CONFIG_DIR / "optimizers" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"no defaults for optimizer '{name}': {path} is missing")
-    return _read_yaml(path)
-
-
 def parse_value(text: str) -> Any:
     """A command-line value as YAML would read it: 0.01 -> float, true -> bool, [0.9,0.99] -> list."""
     try:
@@ -153,11 +121,11 @@ def _check_hparams(optimizer: str, hp: dict[str, Any]) -> None:
         raise ConfigError(f"weight decay for {optimizer} must be a number >= 0, got {wd!r}")
     betas = hp.get("betas")
     if betas is not None:
-        ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+        ok = isinstance(betas, (list, tuple)) and len(betas) in (2, 3) and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
         )
         if not ok:
-            raise ConfigError(f"betas for {optimizer} must be two numbers in [0, 1), e.g. [0.9,0.99]; got {betas!r}")
+            raise ConfigError(f"betas for {optimizer} must be two (or, for three-beta optimizers, three) numbers in [0, 1), e.g. [0.9,0.99]; got {betas!r}")
     for key in ("eps", "p"):
         if key in hp:
             v = hp[key]
@@ -174,8 +142,6 @@ def resolve_config(
     hparam_overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
     """Preset + overrides + the optimizer's defaults -> a validated RunConfig (or a ConfigError)."""
-    from optbench.optimizers import get_entry
-
     entry = get_entry(optimizer)  # raises ConfigError for unknown names
     settings = load_preset(preset)
     settings.pop("seeds", None)  # compare's business, not one run's
@@ -188,13 +154,11 @@ def resolve_config(
     hparams = dict(entry.defaults())
     for key, value in (hparam_overrides or {}).items():
         if key not in hparams and key not in entry.extra_hparams:
-            allowed = sorted((set(hparams) | set(entry.extra_hparams)) - set(NON_HPARAM_KEYS))
+            allowed = sorted(set(hparams) | set(entry.extra_hparams))
             raise ConfigError(f"{optimizer} has no hyperparameter '{key}': choose from {', '.join(allowed)}")
         hparams[key] = value
     if isinstance(hparams.get("betas"), tuple):
         hparams["betas"] = list(hparams["betas"])
-    for key in NON_HPARAM_KEYS:
-        hparams.pop(key, None)
     _check_hparams(optimizer, hparams)
     for key, options in entry.choices.items():
         if key in hparams and hparams[key] not in options:
@@ -237,10 +201,7 @@ def with_runtime(config: RunConfig, **changes: Any) -> RunConfig:
 
 
 __all__ = [
-    "CONFIG_DIR",
     "RunConfig",
-    "available_presets",
-    "load_preset",
     "parse_value",
     "preset_seeds",
     "resolve_config",

@@ -23,12 +23,11 @@ from optbench.interrupt import StopOnSignal
 from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
                               training_flops_per_image)
 from optbench.models import build_model, param_count
-from optbench.optimizers import BuildContext, get_entry
+from optbench.optimizers import BuildContext, get_entry, library_versions
 from optbench.records import SCHEMA_VERSION, ensure_writable, utc_now, write_record
 from optbench.train import TrainResult, autocast_for, train, training_step
 
-PACKAGES = ("torch", "torchvision", "timm", "schedulefree", "lion-pytorch", "pytorch-optimizer", "numpy",
-            "scikit-learn")
+PACKAGES = ("torchvision", "numpy", "scikit-learn", "optuna")  # besides torch, timm and the optimizers' libraries
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -51,7 +50,7 @@ def resolve_runtime(config: RunConfig) -> RunConfig:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    versions = {}
+    versions = library_versions()
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -106,9 +105,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _build_optimizer(entry, params, hparams, context):
+def _build_optimizer(entry, model, hparams, context):
     try:
-        return entry.build(params, hparams, context)
+        return entry.make(model, hparams, context)
     except (ValueError, TypeError, NotImplementedError, AssertionError) as exc:
         # The library rejected a hyperparameter that passed our checks: say which, in one line.
         raise ConfigError(f"{entry.name} rejected its hyperparameters {hparams}: {exc}") from None
@@ -179,7 +178,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     total_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
     warmup = resolved_warmup_steps(config.warmup_steps, total_steps)
     context = BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup)
-    built = _build_optimizer(entry, model.parameters(), config.hparams, context)
+    built = _build_optimizer(entry, model, config.hparams, context)
     optimizer = built.optimizer
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
                  if entry.external_schedule else None)
@@ -197,7 +196,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
             entry.train_mode(opt)
             training_step(m, opt, entry, sample_x, sample_y, amp, entry.hessian_due(opt))
 
-        probe = memory_probe(model, lambda m: _build_optimizer(entry, m.parameters(), config.hparams, context).optimizer,
+        probe = memory_probe(model, lambda m: _build_optimizer(entry, m, config.hparams, context).optimizer,
                              probe_step, entry.force_hessian_next, (sample_x, sample_y))
 
     progress = None

@@ -10,8 +10,10 @@ gradients, activations, optimizer state and temporaries. Nothing here is estimat
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -83,7 +85,7 @@ def memory_probe(model: torch.nn.Module,
                  inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     """Peak tensor memory of a training step, broken down, measured on a copy under MemTracker.
 
-    The same measurement and the same parts as `optbench memory` (`memory.step_memory`): parameters,
+    The same measurement and the same parts as `optbench memory` (`step_memory`): parameters,
     gradients, optimizer state, activations, backward temporaries, step() temporaries, inputs.
     The model is deep-copied and given a fresh optimizer built exactly as the real one (optimizers do
     not survive deepcopy: torch pickles only their state and groups). The first step creates the
@@ -94,8 +96,6 @@ def memory_probe(model: torch.nn.Module,
     random streams are untouched.
     """
     from dataclasses import asdict
-
-    from optbench.memory import step_memory
 
     probe_model = copy.deepcopy(model)
     probe_opt = build_optimizer(probe_model)
@@ -137,10 +137,17 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """
     total = 0
     seen: dict[int, torch.UntypedStorage] = {}  # keeps each storage alive so its id() cannot be reused
+    def tensors(value):
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, (list, tuple)):  # SOAP keeps lists of Kronecker factors per parameter
+            for item in value:
+                yield from tensors(item)
+
     for state in optimizer.state.values():
         for value in state.values():
-            if torch.is_tensor(value):
-                storage = value.untyped_storage()
+            for tensor in tensors(value):
+                storage = tensor.untyped_storage()
                 if id(storage) not in seen:
                     seen[id(storage)] = storage
                     total += storage.nbytes()
@@ -230,3 +237,89 @@ def tracked_step_phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     return {"forward_backward": _named_categories(tracker.phase_peaks.get("forward_backward", {})),
             "step_entry": _named_categories(entry),
             "step": _named_categories(tracker.phase_peaks["step"])}
+
+
+@dataclass
+class StepMemory:
+    """Memory of one training step. The parts are those alive at the peak and add up to `peak_bytes`
+    (for "cuda" the parts add up to the MemTracker peak; `unattributed` is the allocator's excess)."""
+
+    kind: str  # "plain" or "hessian" (Sophia's Hutchinson step: create_graph backward + HVP in step())
+    batch_size: int
+    peak_bytes: int
+    peak_phase: str  # "fwd/bwd" (forward, loss, backward) or "step()" (inside optimizer.step())
+    params: int  # parameters and buffers
+    grads: int
+    optimizer_state: int
+    activations: int  # forward tensors kept for backward (and, on Hessian steps, the graph of the gradients)
+    backward_temporaries: int  # allocated during backward and not gradients
+    step_temporaries: int  # allocated inside step() and alive at the peak (0 when the peak is before step())
+    inputs: int  # the batch (MemTracker's "other")
+    forward_backward_peak_bytes: int
+    step_entry_bytes: int  # all that is alive when step() starts
+    step_peak_bytes: int
+    params_grads_state_in_step: int  # parameters, buffers, gradients and optimizer state when step() starts
+    unattributed: int = 0  # cuda: allocator peak minus MemTracker peak (block rounding, workspaces)
+    allocator_reserved_bytes: int | None = None  # cuda: max_memory_reserved (allocator cache included)
+
+    @property
+    def step_own_temporaries(self) -> int:
+        """What step() allocates beyond what it is handed: foreach AdamW ~1x params, fused ~0."""
+        return self.step_peak_bytes - self.step_entry_bytes
+
+
+class AllocatorPeaks:
+    """CUDA allocator peaks of one step, read apart for forward/backward and for step() via the
+    optimizer's step hooks (the peak counter is reset when step() starts). Set up before the step."""
+
+    def __init__(self, device: torch.device, optimizer: torch.optim.Optimizer):
+        self.device = device
+        gc.collect()
+        reset_cuda_peak(device)
+        self.values: dict[str, int] = {}
+        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+
+    def _pre(self, opt, args, kwargs) -> None:
+        torch.cuda.synchronize(self.device)
+        self.values["forward_backward"] = int(torch.cuda.max_memory_allocated(self.device))
+        self.values["reserved_forward_backward"] = int(torch.cuda.max_memory_reserved(self.device))
+        self.values["step_entry"] = int(torch.cuda.memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _post(self, opt, args, kwargs) -> None:
+        torch.cuda.synchronize(self.device)
+        self.values["step"] = int(torch.cuda.max_memory_allocated(self.device))
+        self.values["reserved_step"] = int(torch.cuda.max_memory_reserved(self.device))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def step_memory(kind: str, batch_size: int, phases: dict[str, dict[str, int]],
+                allocator: AllocatorPeaks | None) -> StepMemory:
+    """One step's parts from `tracked_step_phases` (and, on CUDA, the allocator's peaks)."""
+    # Inside step() MemTracker books new tensors as optimizer state and may re-book old ones (Sophia's
+    # HVP outputs pass through gradient hooks), so at a step peak the parts are read at step entry and
+    # everything step() added is its temporaries: the parts still add up to the peak.
+    fb, entry, step = phases["forward_backward"], phases["step_entry"], phases["step"]
+    in_step = step["total"] >= fb["total"]
+    at = entry if in_step else fb
+    tracker_peak = max(fb["total"], step["total"])
+    out = StepMemory(
+        kind=kind, batch_size=batch_size, peak_bytes=tracker_peak,
+        peak_phase="step()" if in_step else "fwd/bwd",
+        params=at["params"] + at["buffers"], grads=at["grads"], optimizer_state=at["optimizer_state"],
+        activations=at["activations"], backward_temporaries=at["temporaries"],
+        step_temporaries=step["total"] - entry["total"] if in_step else 0, inputs=at["other"],
+        forward_backward_peak_bytes=fb["total"], step_entry_bytes=entry["total"], step_peak_bytes=step["total"],
+        params_grads_state_in_step=sum(entry[k] for k in ("params", "buffers", "grads", "optimizer_state")))
+    if allocator is not None:
+        v = allocator.values
+        peak = max(v["forward_backward"], v["step"])
+        out.peak_bytes, out.unattributed = peak, peak - tracker_peak
+        out.peak_phase = "step()" if v["step"] >= v["forward_backward"] else "fwd/bwd"
+        out.forward_backward_peak_bytes, out.step_entry_bytes = v["forward_backward"], v["step_entry"]
+        out.step_peak_bytes = v["step"]
+        out.allocator_reserved_bytes = max(v["reserved_forward_backward"], v["reserved_step"])
+    return out

@@ -38,27 +38,18 @@ from typing import Any, Callable
 import torch
 
 from optbench.errors import ConfigError, DeviceError, OptbenchError
-from optbench.measure import optimizer_state_bytes, reset_cuda_peak, tracked_step_phases
-from optbench.optimizers import BASELINE, OPTIMIZER_NAMES, BuildContext, get_entry, title_of
+from optbench.measure import (AllocatorPeaks, StepMemory, optimizer_state_bytes, step_memory,
+                              tracked_step_phases)
+from optbench.models import InputShape, build_model, default_patch_size
+from optbench.optimizers import (BASELINE, COURSE_SET, MEMORY_CHALLENGER, BuildContext, get_entry, library_versions,
+                                 title_of)
+from optbench.render import fmt_bytes as _fmt
 from optbench.train import autocast_for, training_step
 
 METHODS = ("auto", "cuda", "tracked", "estimate")
 ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "forloop")
 PRECISIONS = ("fp32", "bf16")
 LION_TARGET_SAVING = 0.30  # the course's claim: Lion saves >= 30% memory against AdamW
-MIN_GRID = 8  # default patch: keep at least 8x8 patches (32px -> patch 4, 224px -> patch 16)
-
-_SCALAR_STATE_BYTES = 4  # float32 step counter
-
-
-def state_layout_bytes(optimizer: str, params: list[torch.Tensor]) -> int:
-    """Optimizer-state bytes implied by the parameters' shapes and the optimizer's known state layout.
-
-    Works for real, meta and fake parameters (reads only shapes and dtypes). Counts state as it is after
-    the first step; Sophia's `hessian` appears on its first Hessian step, which is its first step.
-    """
-    per_param, scalars = get_entry(optimizer).state_layout
-    return sum(len(per_param) * p.numel() * p.element_size() + scalars * _SCALAR_STATE_BYTES for p in params)
 
 
 # --- what to measure -------------------------------------------------------------------------------
@@ -88,29 +79,10 @@ def _name_number(name: str, pattern: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def default_patch_size(model: str, image_size: int) -> int:
-    """The model's own patch (from its name, else 16) if it leaves a grid of >= 8x8 patches; otherwise
-    the largest divisor of the image size that does (32px -> 4, 64px -> 8, 224px -> 16)."""
-    native = _name_number(model, r"patch(\d+)") or 16
-    if image_size % native == 0 and image_size // native >= MIN_GRID:
-        return native
-    fitting = [d for d in range(1, image_size + 1) if image_size % d == 0 and image_size // d >= MIN_GRID]
-    return max(fitting) if fitting else 1
-
-
 def _create_model(spec: MemorySpec, device: str | torch.device) -> torch.nn.Module:
-    """The timm model of `spec`, created on `device` ("meta" allocates nothing)."""
-    import timm
-
-    extra = {"depth": spec.depth} if spec.depth else {}
-    try:
-        with torch.device(device):
-            return timm.create_model(spec.model, pretrained=False, img_size=spec.image_size,
-                                     patch_size=spec.patch_size, num_classes=spec.num_classes,
-                                     in_chans=spec.in_chans, **extra)
-    except TypeError as exc:
-        raise ConfigError(f"timm model '{spec.model}' does not take ViT size arguments ({exc}): "
-                          "use a timm ViT such as vit_tiny_patch16_224") from None
+    """The model of `spec`, created on `device` ("meta" allocates nothing), by the one model builder."""
+    return build_model(spec.model, InputShape(spec.image_size, spec.in_chans, spec.num_classes), seed=None,
+                       patch_size=spec.patch_size, depth=spec.depth, device=device)
 
 
 def resolve_spec(model: str, batch_size: int, image_size: int | None = None, precision: str = "fp32",
@@ -150,7 +122,7 @@ def resolve_spec(model: str, batch_size: int, image_size: int | None = None, pre
     if method == "auto":
         method = "cuda" if has_cuda else "estimate"
     names: list[str] = []
-    for name in [BASELINE, *(optimizers or OPTIMIZER_NAMES)]:
+    for name in [BASELINE, *(optimizers or COURSE_SET)]:
         name = name.strip().lower()
         if name and name not in names:
             get_entry(name)  # ConfigError naming the choices
@@ -168,35 +140,6 @@ def resolve_spec(model: str, batch_size: int, image_size: int | None = None, pre
 
 
 @dataclass
-class StepMemory:
-    """Memory of one training step. The parts are those alive at the peak and add up to `peak_bytes`
-    (for "cuda" the parts add up to the MemTracker peak; `unattributed` is the allocator's excess)."""
-
-    kind: str  # "plain" or "hessian" (Sophia's Hutchinson step: create_graph backward + HVP in step())
-    batch_size: int
-    peak_bytes: int
-    peak_phase: str  # "fwd/bwd" (forward, loss, backward) or "step()" (inside optimizer.step())
-    params: int  # parameters and buffers
-    grads: int
-    optimizer_state: int
-    activations: int  # forward tensors kept for backward (and, on Hessian steps, the graph of the gradients)
-    backward_temporaries: int  # allocated during backward and not gradients
-    step_temporaries: int  # allocated inside step() and alive at the peak (0 when the peak is before step())
-    inputs: int  # the batch (MemTracker's "other")
-    forward_backward_peak_bytes: int
-    step_entry_bytes: int  # all that is alive when step() starts
-    step_peak_bytes: int
-    params_grads_state_in_step: int  # parameters, buffers, gradients and optimizer state when step() starts
-    unattributed: int = 0  # cuda: allocator peak minus MemTracker peak (block rounding, workspaces)
-    allocator_reserved_bytes: int | None = None  # cuda: max_memory_reserved (allocator cache included)
-
-    @property
-    def step_own_temporaries(self) -> int:
-        """What step() allocates beyond what it is handed: foreach AdamW ~1x params, fused ~0."""
-        return self.step_peak_bytes - self.step_entry_bytes
-
-
-@dataclass
 class OptimizerMemory:
     optimizer: str
     title: str
@@ -204,7 +147,7 @@ class OptimizerMemory:
     param_count: int
     param_bytes: int
     state_bytes: int  # exact: distinct storages held in optimizer.state after the measured steps
-    state_layout_bytes: int  # from parameter shapes and the registry's state_layout; equal to state_bytes when understood
+    state_layout_bytes: int | None  # from parameter shapes and the registry's layouts (None: not expressible)
     steps: list[StepMemory]
     seconds: float
     peak_bytes: int = 0  # the highest of `steps`
@@ -326,12 +269,12 @@ class _Probe:
 
     def __init__(self, session: _Session, name: str):
         self.session, self.name, self.entry = session, name, get_entry(name)
-        hparams = {k: v for k, v in self.entry.defaults().items() if k != "title"}
-        if name == "adamw":
+        hparams = self.entry.defaults()
+        if name == BASELINE:
             hparams["implementation"] = session.spec.adamw_impl
         self.model = session.new_model()
         with session.mode():
-            built = self.entry.build(self.model.parameters(), hparams, session.build_context)
+            built = self.entry.make(self.model, hparams, session.build_context)
             self.optimizer, self.implementation = built.optimizer, built.implementation
             self.entry.train_mode(self.optimizer)  # Schedule-Free raises in step() without it
             if session.method == "cuda" or self.entry.hessian_due(self.optimizer):
@@ -360,7 +303,7 @@ class _Probe:
             while entry.hessian_due(opt) and not hessian:
                 self._step(*self.session.batch(1))  # move past a due Hessian step, untracked
             x, y = self.session.batch(batch_size)
-            allocator = _AllocatorPeaks(self.session.device, opt) if self.session.method == "cuda" else None
+            allocator = AllocatorPeaks(self.session.device, opt) if self.session.method == "cuda" else None
             try:
                 phases = tracked_step_phases(self.model, opt, lambda: self._step(x, y), (x, y))
             finally:
@@ -372,7 +315,7 @@ class _Probe:
     def state_bytes(self) -> tuple[int, int, int]:
         """(exact state bytes, bytes from the known layout, parameter bytes)."""
         params = list(self.model.parameters())
-        return (optimizer_state_bytes(self.optimizer), state_layout_bytes(self.name, params),
+        return (optimizer_state_bytes(self.optimizer), self.entry.state_layout_bytes(self.model),
                 sum(p.numel() * p.element_size() for p in params))
 
     def close(self) -> None:
@@ -380,63 +323,6 @@ class _Probe:
         gc.collect()
         if self.session.method == "cuda":
             torch.cuda.empty_cache()
-
-
-class _AllocatorPeaks:
-    """CUDA allocator peaks of one step, read apart for forward/backward and for step() via the
-    optimizer's step hooks (the peak counter is reset when step() starts). Set up before the step."""
-
-    def __init__(self, device: torch.device, optimizer: torch.optim.Optimizer):
-        self.device = device
-        gc.collect()
-        reset_cuda_peak(device)
-        self.values: dict[str, int] = {}
-        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
-
-    def _pre(self, opt, args, kwargs) -> None:
-        torch.cuda.synchronize(self.device)
-        self.values["forward_backward"] = int(torch.cuda.max_memory_allocated(self.device))
-        self.values["reserved_forward_backward"] = int(torch.cuda.max_memory_reserved(self.device))
-        self.values["step_entry"] = int(torch.cuda.memory_allocated(self.device))
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def _post(self, opt, args, kwargs) -> None:
-        torch.cuda.synchronize(self.device)
-        self.values["step"] = int(torch.cuda.max_memory_allocated(self.device))
-        self.values["reserved_step"] = int(torch.cuda.max_memory_reserved(self.device))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def step_memory(kind: str, batch_size: int, phases: dict[str, dict[str, int]],
-                 allocator: _AllocatorPeaks | None) -> StepMemory:
-    """One step's parts from `measure.tracked_step_phases` (and, on CUDA, the allocator's peaks)."""
-    # Inside step() MemTracker books new tensors as optimizer state and may re-book old ones (Sophia's
-    # HVP outputs pass through gradient hooks), so at a step peak the parts are read at step entry and
-    # everything step() added is its temporaries: the parts still add up to the peak.
-    fb, entry, step = phases["forward_backward"], phases["step_entry"], phases["step"]
-    in_step = step["total"] >= fb["total"]
-    at = entry if in_step else fb
-    tracker_peak = max(fb["total"], step["total"])
-    out = StepMemory(
-        kind=kind, batch_size=batch_size, peak_bytes=tracker_peak,
-        peak_phase="step()" if in_step else "fwd/bwd",
-        params=at["params"] + at["buffers"], grads=at["grads"], optimizer_state=at["optimizer_state"],
-        activations=at["activations"], backward_temporaries=at["temporaries"],
-        step_temporaries=step["total"] - entry["total"] if in_step else 0, inputs=at["other"],
-        forward_backward_peak_bytes=fb["total"], step_entry_bytes=entry["total"], step_peak_bytes=step["total"],
-        params_grads_state_in_step=sum(entry[k] for k in ("params", "buffers", "grads", "optimizer_state")))
-    if allocator is not None:
-        v = allocator.values
-        peak = max(v["forward_backward"], v["step"])
-        out.peak_bytes, out.unattributed = peak, peak - tracker_peak
-        out.peak_phase = "step()" if v["step"] >= v["forward_backward"] else "fwd/bwd"
-        out.forward_backward_peak_bytes, out.step_entry_bytes = v["forward_backward"], v["step_entry"]
-        out.step_peak_bytes = v["step"]
-        out.allocator_reserved_bytes = max(v["reserved_forward_backward"], v["reserved_step"])
-    return out
 
 
 def _measure_optimizer(session: _Session, name: str, progress: Callable[[str], None]) -> OptimizerMemory:
@@ -495,7 +381,7 @@ def lion_verdict(spec: MemorySpec, session: _Session | None = None,
     def at(batch: int) -> SweepPoint:
         if batch not in measured:
             pair = []
-            for name in ("adamw", "lion"):
+            for name in (BASELINE, MEMORY_CHALLENGER):
                 progress(f"Lion vs AdamW: {title_of(name)} at batch {batch} ({method})")
                 probe = session.probe(name)
                 try:
@@ -569,18 +455,6 @@ def _verdict_message(spec: MemorySpec, reached: bool, batch: int | None, points:
     return text
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "timm", "lion-pytorch", "pytorch-optimizer", "schedulefree"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def measure_memory(spec: MemorySpec, progress: Callable[[str], None] = lambda text: None,
                    with_verdict: bool = True) -> MemoryReport:
     """Measure (or estimate) one training step per optimizer of `spec`, then Lion's verdict.
@@ -599,8 +473,8 @@ def measure_memory(spec: MemorySpec, progress: Callable[[str], None] = lambda te
         verdict = None
         if with_verdict:
             known = {}
-            if spec.method != "tracked" and "lion" in spec.optimizers:
-                lion = next(r for r in results if r.optimizer == "lion")
+            if spec.method != "tracked" and MEMORY_CHALLENGER in spec.optimizers:
+                lion = next(r for r in results if r.optimizer == MEMORY_CHALLENGER)
                 known[spec.batch_size] = (baseline.steps[0], lion.steps[0])
             verdict = lion_verdict(spec, session, known, progress)
     except torch.OutOfMemoryError as exc:
@@ -617,14 +491,14 @@ def measure_memory(spec: MemorySpec, progress: Callable[[str], None] = lambda te
              f"({adamw_temporaries / max(baseline.param_bytes, 1):.2f}x its weights; foreach ~1x, fused and forloop "
              "~0): choose with --adamw-impl."]
     for result in results:
-        if result.state_bytes != result.state_layout_bytes:
+        if result.state_layout_bytes is not None and result.state_bytes != result.state_layout_bytes:
             notes.append(f"{result.title}: state {result.state_bytes:,} B differs from its known layout "
                          f"({result.state_layout_bytes:,} B): the library changed what it keeps.")
         if len(result.steps) > 1:
             notes.append(f"{result.title}: its peak is the larger of a plain step and a Hessian step "
                          "(create_graph backward with math attention, Hessian-vector product inside step()).")
     return MemoryReport(spec=spec, method_label=METHOD_LABELS[spec.method], device=str(session.device),
-                        versions=_versions(), results=results, verdict=verdict,
+                        versions=library_versions(), results=results, verdict=verdict,
                         seconds=time.perf_counter() - started, notes=notes)
 
 
@@ -648,87 +522,3 @@ def write_json(report: MemoryReport, path: str | Path) -> Path:
     except OSError as exc:
         raise OptbenchError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
-
-
-# --- rendering -------------------------------------------------------------------------------------
-
-
-def _fmt(value: int | None) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= 2**30:
-        return f"{value / 2**30:,.2f} GiB"
-    return f"{value / 2**20:,.1f} MiB"
-
-
-def _saving_text(saving: float | None) -> str:
-    """'-12.3%' when the optimizer needs 12.3% less than AdamW, '+4.0%' when more."""
-    if saving is None:
-        return "-"
-    return "±0.0%" if abs(saving) < 5e-4 else f"{-saving:+.1%}"
-
-
-_TABLE_ROWS: tuple[tuple[str, str], ...] = (
-    ("Peak", "peak_bytes"), ("  reached in", "peak_phase"), ("Parameters", "params"), ("Gradients", "grads"),
-    ("Optimizer state", "optimizer_state"), ("Activations", "activations"),
-    ("Backward temporaries", "backward_temporaries"), ("step() temporaries", "step_temporaries"),
-    ("Input batch", "inputs"),
-)
-
-
-def render_report(report: MemoryReport, console) -> None:
-    """Print one column per optimizer (Sophia: plain and Hessian step), the batch sizes behind Lion's
-    verdict, the verdict line and the notes. Byte columns share one unit, given in the title."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    spec = report.spec
-    # GiB only when even the weights reach one: small parts must not round to 0.00.
-    unit, scale = ("GiB", 2**30) if report.results[0].param_bytes >= 2**30 else ("MiB", 2**20)
-    table = Table(title=f"Training-step memory ({unit}): {spec.model}, {spec.param_count:,} parameters, "
-                        f"{spec.image_size}px / patch {spec.patch_size} ({spec.tokens} tokens), "
-                        f"batch {spec.batch_size}, {spec.precision}",
-                  caption=report.method_label, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("", no_wrap=True)
-    columns: list[tuple[OptimizerMemory, StepMemory]] = []
-    for result in report.results:
-        for step in result.steps:
-            label = result.implementation.get("code_path", "") if len(result.steps) == 1 else f"{step.kind} step"
-            table.add_column(f"{result.title.split(' (')[0]}\n{label}", justify="right")
-            columns.append((result, step))
-    digits = 2 if unit == "GiB" else 1
-    rows = list(_TABLE_ROWS)
-    if spec.method == "cuda":
-        rows += [("Allocator excess", "unattributed"), ("Reserved (cache incl.)", "allocator_reserved_bytes")]
-    for label, attribute in rows:
-        cells = []
-        for _, step in columns:
-            value = getattr(step, attribute)
-            cells.append(value if isinstance(value, str) else "-" if value is None else f"{value / scale:,.{digits}f}")
-        table.add_row(label, *cells)
-    for label, attribute in (("Peak vs AdamW", "saving_vs_adamw"), ("State vs AdamW", "state_saving_vs_adamw")):
-        cells = []
-        for result, step in columns:
-            # A saving is about the optimizer's peak: for Sophia that is its Hessian step.
-            sets_peak = step is max(result.steps, key=lambda s: s.peak_bytes)
-            cells.append("baseline" if result.optimizer == BASELINE
-                         else _saving_text(getattr(result, attribute)) if sets_peak else "")
-        table.add_row(label, *cells, style="bold" if label.startswith("Peak") else None)
-    console.print(table)
-
-    verdict = report.verdict
-    if verdict is not None:
-        sweep = Table(title=f"Lion vs AdamW ({verdict.adamw_impl}) by batch size, {verdict.method}",
-                      title_justify="left", box=box.SIMPLE_HEAD)
-        for name in ("Batch", "AdamW peak", "Lion peak", "Lion vs AdamW"):
-            sweep.add_column(name, justify="right")
-        for point in verdict.points:
-            sweep.add_row(str(point.batch_size), _fmt(point.adamw_peak_bytes), _fmt(point.lion_peak_bytes),
-                          _saving_text(point.saving))
-        console.print(sweep)
-        console.print(f"[bold]{escape(verdict.message)}[/bold]", soft_wrap=True)
-    for note in report.notes:
-        console.print(f"[dim]{escape(note)}[/dim]", soft_wrap=True)
-    console.print(f"[dim]Took {report.seconds:.1f}s. {', '.join(f'{k} {v}' for k, v in report.versions.items())}"
-                  "[/dim]", soft_wrap=True)

@@ -12,9 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from optbench.analysis import optimizer_order  # noqa: E402
-from optbench.optimizers import title_of  # noqa: E402
+from optbench.optimizers import color_of, title_of  # noqa: E402
 
-COLORS = {"adamw": "#1f77b4", "lion": "#d62728", "sophia": "#2ca02c", "schedulefree": "#9467bd"}
 PARTS = ("params", "grads", "optimizer_state", "activations", "backward_temporaries", "step_temporaries", "inputs")
 PART_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#dd8452", "#999999")
 
@@ -42,7 +41,7 @@ def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Pa
     panels = [("epoch", "test_acc", axes[0, 0]), ("epoch", "train_loss", axes[0, 1]),
               ("train_time_s", "test_acc", axes[1, 0]), ("train_time_s", "train_loss", axes[1, 1])]
     for opt, runs in groups.items():
-        color = COLORS.get(opt)
+        color = color_of(opt)
         finished = [r for r in runs if r["status"] == "ok"]
         diverged = [r for r in runs if r["status"] != "ok"]
         for x_key, y_key, ax in panels:

@@ -10,7 +10,7 @@ import pandas as pd
 from rich.table import Table
 
 from optbench.analysis import Verdict
-from optbench.optimizers import title_of
+from optbench.optimizers import BASELINE, title_of
 
 
 def _missing(v: Any) -> bool:
@@ -162,3 +162,87 @@ def tuning_markdown(title: str, protocol: list[str], display: pd.DataFrame, warn
     if notes:
         parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"
+
+
+# --- `optbench memory` ------------------------------------------------------------------------------
+
+
+def fmt_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 2**30:
+        return f"{value / 2**30:,.2f} GiB"
+    return f"{value / 2**20:,.1f} MiB"
+
+
+def _saving_text(saving: float | None) -> str:
+    """'-12.3%' when the optimizer needs 12.3% less than AdamW, '+4.0%' when more."""
+    if saving is None:
+        return "-"
+    return "±0.0%" if abs(saving) < 5e-4 else f"{-saving:+.1%}"
+
+
+_TABLE_ROWS: tuple[tuple[str, str], ...] = (
+    ("Peak", "peak_bytes"), ("  reached in", "peak_phase"), ("Parameters", "params"), ("Gradients", "grads"),
+    ("Optimizer state", "optimizer_state"), ("Activations", "activations"),
+    ("Backward temporaries", "backward_temporaries"), ("step() temporaries", "step_temporaries"),
+    ("Input batch", "inputs"),
+)
+
+
+def render_memory_report(report, console) -> None:
+    """`optbench memory`'s report (a memory.MemoryReport): one column per optimizer (Sophia: plain and Hessian step), the batch sizes behind Lion's
+    verdict, the verdict line and the notes. Byte columns share one unit, given in the title."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    spec = report.spec
+    # GiB only when even the weights reach one: small parts must not round to 0.00.
+    unit, scale = ("GiB", 2**30) if report.results[0].param_bytes >= 2**30 else ("MiB", 2**20)
+    table = Table(title=f"Training-step memory ({unit}): {spec.model}, {spec.param_count:,} parameters, "
+                        f"{spec.image_size}px / patch {spec.patch_size} ({spec.tokens} tokens), "
+                        f"batch {spec.batch_size}, {spec.precision}",
+                  caption=report.method_label, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("", no_wrap=True)
+    columns = []
+    for result in report.results:
+        for step in result.steps:
+            label = result.implementation.get("code_path", "") if len(result.steps) == 1 else f"{step.kind} step"
+            table.add_column(f"{result.title.split(' (')[0]}\n{label}", justify="right")
+            columns.append((result, step))
+    digits = 2 if unit == "GiB" else 1
+    rows = list(_TABLE_ROWS)
+    if spec.method == "cuda":
+        rows += [("Allocator excess", "unattributed"), ("Reserved (cache incl.)", "allocator_reserved_bytes")]
+    for label, attribute in rows:
+        cells = []
+        for _, step in columns:
+            value = getattr(step, attribute)
+            cells.append(value if isinstance(value, str) else "-" if value is None else f"{value / scale:,.{digits}f}")
+        table.add_row(label, *cells)
+    for label, attribute in (("Peak vs AdamW", "saving_vs_adamw"), ("State vs AdamW", "state_saving_vs_adamw")):
+        cells = []
+        for result, step in columns:
+            # A saving is about the optimizer's peak: for Sophia that is its Hessian step.
+            sets_peak = step is max(result.steps, key=lambda s: s.peak_bytes)
+            cells.append("baseline" if result.optimizer == BASELINE
+                         else _saving_text(getattr(result, attribute)) if sets_peak else "")
+        table.add_row(label, *cells, style="bold" if label.startswith("Peak") else None)
+    console.print(table)
+
+    verdict = report.verdict
+    if verdict is not None:
+        sweep = Table(title=f"Lion vs AdamW ({verdict.adamw_impl}) by batch size, {verdict.method}",
+                      title_justify="left", box=box.SIMPLE_HEAD)
+        for name in ("Batch", "AdamW peak", "Lion peak", "Lion vs AdamW"):
+            sweep.add_column(name, justify="right")
+        for point in verdict.points:
+            sweep.add_row(str(point.batch_size), fmt_bytes(point.adamw_peak_bytes), fmt_bytes(point.lion_peak_bytes),
+                          _saving_text(point.saving))
+        console.print(sweep)
+        console.print(f"[bold]{escape(verdict.message)}[/bold]", soft_wrap=True)
+    for note in report.notes:
+        console.print(f"[dim]{escape(note)}[/dim]", soft_wrap=True)
+    console.print(f"[dim]Took {report.seconds:.1f}s. {', '.join(f'{k} {v}' for k, v in report.versions.items())}"
+                  "[/dim]", soft_wrap=True)

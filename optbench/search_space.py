@@ -115,7 +115,7 @@ def check_equal_grids(spaces: list[SearchSpace]) -> None:
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{k} {v}" for k, v in sizes.items())
         raise ConfigError(f"the optimizers' grids differ in size ({listing}): give every optimizer a grid of the "
-                          "same size in configs/optimizers/*.yaml, or use --space sobol")
+                          "same size in optimizers/*.yaml, or use --space sobol")
 
 
 def on_edge(param: Param, value: float, grid: bool, tolerance: float = 0.1) -> str | None:

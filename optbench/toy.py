@@ -23,13 +23,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from optbench.config import CONFIG_DIR, _read_yaml
 from optbench.errors import ConfigError
-from optbench.optimizers import OPTIMIZER_NAMES, BuildContext, Built, get_entry
+from optbench.optimizers import COURSE_SET, BuildContext, Built, get_entry
+from optbench.settings import find_settings_file, toy_file
 
-TOY_CONFIG = CONFIG_DIR / "toy.yaml"
 REFERENCE = "sgd"  # not benchmarked: plain SGD with momentum, for scale
-CONTENDERS = (*OPTIMIZER_NAMES, REFERENCE)
 REFERENCE_TITLE = "SGD+momentum (ref.)"
 
 
@@ -84,7 +82,7 @@ class ToySettings:
     steps: int
     loss_threshold: float
     view: tuple[tuple[float, float], tuple[float, float]]  # (x range, y range) of the plot
-    lr: dict[str, float]  # per contender
+    lr: dict[str, float]  # per contender; an optimizer without one races at its own default lr
     seed: int
     reference: dict[str, Any]  # SGD's hyperparameters other than lr
 
@@ -102,8 +100,8 @@ def _pair(value: Any) -> tuple[float, float] | None:
 
 def toy_settings(function: str) -> ToySettings:
     get_objective(function)  # unknown names fail here with the list of known ones
-    data = _read_yaml(TOY_CONFIG) if TOY_CONFIG.is_file() else {}
-    where = f"{TOY_CONFIG}"
+    data = toy_file()
+    where = str(find_settings_file("toy.yaml") or "toy.yaml")
     spec = (data.get("functions") or {}).get(function)
     if not isinstance(spec, dict):
         raise ConfigError(f"{where} has no settings for function '{function}'")
@@ -121,8 +119,13 @@ def toy_settings(function: str) -> ToySettings:
     if xs is None or ys is None or xs[0] >= xs[1] or ys[0] >= ys[1]:
         raise ConfigError(f"{where}: {function}.view needs x: [low, high] and y: [low, high]")
     lrs = spec.get("lr") or {}
-    for key in CONTENDERS:
+    if not isinstance(lrs, dict):
+        raise ConfigError(f"{where}: {function}.lr must map optimizer names to learning rates")
+    for key in (*COURSE_SET, REFERENCE):
         if not _positive_number(lrs.get(key)):
+            raise ConfigError(f"{where}: {function}.lr.{key} must be a positive number")
+    for key, value in lrs.items():
+        if not _positive_number(value):
             raise ConfigError(f"{where}: {function}.lr.{key} must be a positive number")
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
@@ -132,7 +135,7 @@ def toy_settings(function: str) -> ToySettings:
     if (not isinstance(reference, dict) or set(reference) != {"momentum"} or isinstance(momentum, bool)
             or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1):
         raise ConfigError(f"{where}: reference must be {{momentum: M}} with M in [0, 1), SGD's momentum")
-    return ToySettings(start, steps, float(threshold), (xs, ys), {k: float(lrs[k]) for k in CONTENDERS},
+    return ToySettings(start, steps, float(threshold), (xs, ys), {k: float(v) for k, v in lrs.items()},
                        seed, dict(reference))
 
 
@@ -172,27 +175,37 @@ class Contender:
     train_mode: Callable[[torch.optim.Optimizer], None] = _noop
     eval_mode: Callable[[torch.optim.Optimizer], None] = _noop
     hessian_due: Callable[[torch.optim.Optimizer], bool] = _never
+    averaged: bool = False  # reports an averaged point in eval mode (Schedule-Free's x)
+
+
+class _Point(torch.nn.Module):
+    """The 2-D point as a model, so optimizers are built from a model as in training."""
+
+    def __init__(self, point: torch.nn.Parameter):
+        super().__init__()
+        self.point = point
 
 
 def toy_hparams(name: str, lr: float) -> dict[str, Any]:
     """A benchmarked optimizer's course hyperparameters with the toy's lr and no weight decay."""
     hparams = get_entry(name).defaults()
-    hparams.pop("title", None)
     hparams["lr"] = lr
     hparams["weight_decay"] = 0.0
     return hparams
 
 
-def contenders(settings: ToySettings, steps: int) -> list[Contender]:
+def contenders(settings: ToySettings, steps: int, optimizers: list[str] | None = None) -> list[Contender]:
+    """The optimizers raced (default: the course's four) and the SGD reference, ready to build."""
     # Constant lr and no warmup: the toy has no schedule, and Schedule-Free's warmup would be one.
     context = BuildContext(device_type="cpu", total_steps=steps, warmup_steps=0)
     out = []
-    for name in OPTIMIZER_NAMES:
+    for name in optimizers or COURSE_SET:
         entry = get_entry(name)
-        hparams = toy_hparams(name, settings.lr[name])
+        hparams = toy_hparams(name, settings.lr.get(name, entry.defaults()["lr"]))
         out.append(Contender(name, entry.title, hparams,
-                             lambda params, entry=entry, hparams=hparams: entry.build(params, hparams, context),
-                             entry.train_mode, entry.eval_mode, entry.hessian_due))
+                             lambda params, entry=entry, hparams=hparams: entry.make(_Point(params[0]), hparams,
+                                                                                      context),
+                             entry.train_mode, entry.eval_mode, entry.hessian_due, entry.averaged_eval))
     sgd_hparams = {"lr": settings.lr[REFERENCE], **settings.reference, "weight_decay": 0.0}
 
     def build_sgd(params: list[torch.Tensor]) -> Built:
@@ -215,6 +228,7 @@ class ToyRun:
     losses: np.ndarray  # [n + 1]: the function at those points
     hessian_steps: int  # steps whose backward used create_graph=True (Sophia's Hutchinson estimates)
     diverged_at: int | None  # first step with a non-finite loss; the run stops there
+    averaged: bool = False  # the points are an average read in eval mode (Schedule-Free's x)
 
     @property
     def final_point(self) -> tuple[float, float]:
@@ -266,7 +280,7 @@ def race(contender: Contender, objective: Objective, start: tuple[float, float],
          seed: int) -> ToyRun:
     """Run one contender for `steps` constant-lr steps from `start`."""
     torch.manual_seed(seed)  # Sophia's Hutchinson probes are the only random draws
-    point = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    point = torch.nn.Parameter(torch.tensor(start, dtype=torch.float64))
     built = contender.build([point])
     optimizer = built.optimizer
     contender.train_mode(optimizer)
@@ -294,11 +308,11 @@ def race(contender: Contender, objective: Objective, start: tuple[float, float],
     points[-1] = point.detach().numpy().copy()
     losses[-1] = _loss_at(objective, point)
     return ToyRun(contender.key, contender.title, contender.hparams, built.implementation, np.stack(points),
-                  np.array(losses), hessian_steps, diverged_at)
+                  np.array(losses), hessian_steps, diverged_at, contender.averaged)
 
 
 def run_toy(function: str = "rosenbrock", steps: int | None = None, start: tuple[float, float] | None = None,
-            seed: int | None = None) -> ToyResult:
+            seed: int | None = None, optimizers: list[str] | None = None) -> ToyResult:
     """Race every benchmarked optimizer and the SGD reference on one function from one start.
 
     None takes the function's default from configs/toy.yaml.
@@ -314,7 +328,7 @@ def run_toy(function: str = "rosenbrock", steps: int | None = None, start: tuple
     start_point = _pair(settings.start if start is None else start)
     if start_point is None:
         raise ConfigError(f"--start must be two finite numbers, got {start!r}")
-    runs = [race(c, objective, start_point, steps, seed) for c in contenders(settings, steps)]
+    runs = [race(c, objective, start_point, steps, seed) for c in contenders(settings, steps, optimizers)]
     return ToyResult(objective, start_point, steps, seed, settings.loss_threshold, settings.view, runs)
 
 
@@ -393,7 +407,6 @@ def summary_table(result: ToyResult):
 
 
 __all__ = [
-    "CONTENDERS",
     "OBJECTIVES",
     "Contender",
     "Objective",

@@ -14,23 +14,25 @@ import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import LogLocator  # noqa: E402
 
-from optbench.toy import ToyResult, ToyRun  # noqa: E402
+from optbench.optimizers import color_of  # noqa: E402
+from optbench.toy import REFERENCE, ToyResult, ToyRun  # noqa: E402
 
 # One look per optimizer, the same in both figures. The reference is grey and dashed: it is not benchmarked.
-STYLES = {
-    "adamw": {"color": "tab:blue", "marker": "o", "linestyle": "-"},
-    "lion": {"color": "tab:orange", "marker": "^", "linestyle": "-"},
-    "sophia": {"color": "tab:green", "marker": "s", "linestyle": "-"},
-    "schedulefree": {"color": "tab:red", "marker": "D", "linestyle": "-"},
-    "sgd": {"color": "0.35", "marker": "v", "linestyle": "--"},
-}
-_FALLBACK = {"color": "tab:purple", "marker": "P", "linestyle": "-"}
+REFERENCE_STYLE = {"color": "0.35", "marker": "v", "linestyle": "--"}
+MARKERS = ("o", "^", "s", "D", "P", "X", "*", "h", "<", ">")
+
+
+def _style(run: ToyRun, index: int) -> dict[str, str]:
+    """The optimizer's registry colour; a marker by position; the reference grey and dashed."""
+    if run.key == REFERENCE:
+        return REFERENCE_STYLE
+    return {"color": color_of(run.key), "marker": MARKERS[index % len(MARKERS)], "linestyle": "-"}
 MARKERS_PER_PATH = 15
 
 
 def _label(run: ToyRun) -> str:
     text = f"{run.title}, lr {run.hparams['lr']:g}"
-    if run.key == "schedulefree":
+    if run.averaged:
         text += " (averaged x)"
     if run.diverged_at is not None:
         text += f", diverged at step {run.diverged_at}"
@@ -56,8 +58,8 @@ def plot_paths(result: ToyResult, path: Path) -> Path:
                          alpha=0.55)
     ax.contour(gx, gy, values, levels=levels[::2], norm=LogNorm(), colors="0.55", linewidths=0.4)
     fig.colorbar(filled, ax=ax, label="f(x, y), log-spaced levels", ticks=LogLocator(), shrink=0.85)
-    for run in result.runs:
-        style = STYLES.get(run.key, _FALLBACK)
+    for index, run in enumerate(result.runs):
+        style = _style(run, index)
         points = run.points
         every = max(1, (len(points) - 1) // MARKERS_PER_PATH)
         # Slightly transparent: paths that share a valley stay visible under one another.
@@ -88,8 +90,8 @@ def plot_paths(result: ToyResult, path: Path) -> Path:
 
 def plot_losses(result: ToyResult, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    for run in result.runs:
-        style = STYLES.get(run.key, _FALLBACK)
+    for index, run in enumerate(result.runs):
+        style = _style(run, index)
         # A log axis cannot show 0 or inf: leave a gap there instead of a plunge or a spike.
         losses = np.where(np.isfinite(run.losses) & (run.losses > 0), run.losses, np.nan)
         ax.plot(np.arange(len(losses)), losses, color=style["color"], linestyle=style["linestyle"], linewidth=1.3,

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from optbench.config import RunConfig, optimizer_defaults, resolve_config
+from optbench.config import RunConfig, resolve_config
+from optbench.optimizers import get_entry
 from optbench.errors import ConfigError, OptbenchError
 from optbench.search_space import SearchSpace, check_equal_grids, parse_search_space
 from optbench.tune_analysis import Budget, budget_status, best_trial
@@ -180,9 +181,9 @@ class TunePlan:
 
 
 def load_search_space(optimizer: str, hparams: dict[str, Any]) -> SearchSpace:
-    raw = optimizer_defaults(optimizer).get("search_space")
+    raw = get_entry(optimizer).search_space() or None
     if raw is None:
-        raise ConfigError(f"{optimizer} has no search_space in its YAML (configs/optimizers/{optimizer}.yaml): "
+        raise ConfigError(f"{optimizer} has no search_space in its YAML (optimizers/{optimizer}.yaml): "
                           "add one to tune it")
     return parse_search_space(optimizer, raw, hparams)
 

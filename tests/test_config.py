@@ -10,8 +10,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from optbench.config import (CONFIG_DIR, RunConfig, available_presets, load_preset, parse_value, preset_seeds,
-                             resolve_config, resolved_warmup_steps)
+from optbench.config import RunConfig, parse_value, preset_seeds, resolve_config, resolved_warmup_steps
+from optbench.settings import PACKAGE_CONFIG_DIR as CONFIG_DIR
+from optbench.settings import available_presets, load_preset
 from optbench.errors import ConfigError
 
 
@@ -25,7 +26,7 @@ def test_smoke_preset_and_optimizer_defaults_come_from_configs():
     assert cfg.hparams["lr"] == defaults["lr"] == 1e-3
     assert cfg.hparams["weight_decay"] == defaults["weight_decay"] == 0.05  # the course's, not torch's 1e-2
     assert cfg.hparams["betas"] == [0.9, 0.999]
-    assert "title" not in cfg.hparams  # display name, not a hyperparameter
+    assert "title" not in cfg.hparams and "search_space" not in cfg.hparams  # not hyperparameters
 
 
 def test_default_preset_is_the_course_cifar10_setup():

@@ -19,7 +19,8 @@ import torch
 from typer.testing import CliRunner
 
 from optbench.cli import app
-from optbench.memory import default_patch_size, measure_memory, resolve_spec, state_layout_bytes
+from optbench.memory import measure_memory, resolve_spec
+from optbench.models import default_patch_size
 from optbench.optimizers import BuildContext, get_entry
 from optbench.train import training_step
 
@@ -31,14 +32,13 @@ ACTIVATION_TOLERANCE = 0.02
 PARTS = ("params", "grads", "optimizer_state", "activations", "backward_temporaries", "step_temporaries", "inputs")
 
 
-def meta_params(spec_kwargs: dict = TINY) -> list[torch.Tensor]:
-    """The model's parameters on the meta device: shapes and dtypes, no memory."""
+def meta_model(spec_kwargs: dict = TINY) -> torch.nn.Module:
+    """The model on the meta device: shapes and dtypes, no memory."""
     import timm
 
     with torch.device("meta"):
-        return list(timm.create_model(spec_kwargs["model"], pretrained=False, img_size=spec_kwargs["image_size"],
-                                      patch_size=spec_kwargs["patch_size"],
-                                      num_classes=spec_kwargs["num_classes"]).parameters())
+        return timm.create_model(spec_kwargs["model"], pretrained=False, img_size=spec_kwargs["image_size"],
+                                 patch_size=spec_kwargs["patch_size"], num_classes=spec_kwargs["num_classes"])
 
 
 def real_state_nbytes(spec_kwargs: dict, batch: int, names=OPTIMIZERS, adamw_impl: str = "foreach") -> dict[str, int]:
@@ -53,10 +53,10 @@ def real_state_nbytes(spec_kwargs: dict, batch: int, names=OPTIMIZERS, adamw_imp
     out = {}
     for name in names:
         entry = get_entry(name)
-        hparams = {k: v for k, v in entry.defaults().items() if k != "title"}
+        hparams = entry.defaults()
         if name == "adamw":
             hparams["implementation"] = adamw_impl
-        opt = entry.build(model.parameters(), hparams, BuildContext("cpu", 100, 0)).optimizer
+        opt = entry.make(model, hparams, BuildContext("cpu", 100, 0)).optimizer
         entry.train_mode(opt)
         training_step(model, opt, entry, x, y, torch.autocast("cpu", enabled=False), entry.hessian_due(opt))
         out[name] = sum(v.nbytes for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
@@ -79,12 +79,12 @@ def tiny_reports():
 
 def test_state_bytes_are_what_the_optimizers_own_state_tensors_hold_vit_tiny(tiny_reports):
     real = real_state_nbytes(TINY, batch=2)
-    params = meta_params()
+    model = meta_model()
     for name in OPTIMIZERS:
         for method, report in tiny_reports.items():
             result = report.result(name)
             assert result.state_bytes == real[name], (name, method)
-            assert result.state_layout_bytes == real[name] == state_layout_bytes(name, params), (name, method)
+            assert result.state_layout_bytes == real[name] == get_entry(name).state_layout_bytes(model), (name, method)
             for step in result.steps:  # what MemTracker booked as state when step() started
                 assert step.optimizer_state == real[name], (name, method, step.kind)
 
@@ -99,12 +99,14 @@ def test_state_bytes_for_a_model_sixteen_times_larger():
     report = measure_memory(spec, with_verdict=False)
     real = real_state_nbytes(base, batch=1, names=("adamw", "lion", "schedulefree"))
     param_bytes = 4 * spec.param_count
-    n_tensors = len(meta_params(base))
+    model = meta_model(base)
+    n_tensors = len(list(model.parameters()))
     for name in OPTIMIZERS:
         result = report.result(name)
         assert result.state_bytes == result.state_layout_bytes == real.get(name, result.state_bytes), name
         # The layout in words: k fp32 tensors per parameter, + AdamW's float32 `step` per parameter tensor.
-        per_param, scalars = get_entry(name).state_layout
+        (group,) = get_entry(name).group_params(model)
+        per_param, scalars = group.layout.per_param, group.layout.scalars
         assert result.state_bytes == len(per_param) * param_bytes + scalars * 4 * n_tensors, name
         assert result.param_bytes == param_bytes
         plain = result.steps[0]
@@ -114,7 +116,7 @@ def test_state_bytes_for_a_model_sixteen_times_larger():
 def test_lion_state_is_half_of_adamw(tiny_reports):
     for report in tiny_reports.values():
         adamw, lion = report.result("adamw"), report.result("lion")
-        n_tensors = len(meta_params())  # AdamW keeps one float32 `step` scalar per parameter tensor
+        n_tensors = len(list(meta_model().parameters()))  # AdamW keeps one float32 `step` scalar per parameter tensor
         assert 2 * lion.state_bytes == adamw.state_bytes - 4 * n_tensors
         assert lion.state_saving_vs_adamw == pytest.approx(0.5, abs=1e-4)
 

@@ -17,7 +17,7 @@ from optbench.data import SPECS, train_batches
 from optbench.errors import ConfigError
 from optbench.measure import optimizer_state_bytes
 from optbench.models import build_model
-from optbench.optimizers import BASELINE, OPTIMIZER_NAMES, REGISTRY, BuildContext, get_entry, title_of
+from optbench.optimizers import BASELINE, COURSE_SET, REGISTRY, BuildContext, get_entry, title_of
 from optbench.train import training_step
 
 CPU = BuildContext(device_type="cpu", total_steps=100, warmup_steps=5)
@@ -34,6 +34,14 @@ def zero_grad_param(seed: int = 0) -> torch.nn.Parameter:
     return p
 
 
+def holder(*params: torch.nn.Parameter) -> torch.nn.Module:
+    """A module holding just these parameters: optimizers are built from a model."""
+    module = torch.nn.Module()
+    for i, p in enumerate(params):
+        module.register_parameter(f"p{i}", p)
+    return module
+
+
 def tiny_vit(seed: int = 0) -> torch.nn.Module:
     return build_model("vit_tiny_patch16_224", SPECS["synthetic"], seed, depth=1)
 
@@ -41,8 +49,9 @@ def tiny_vit(seed: int = 0) -> torch.nn.Module:
 # --- registry --------------------------------------------------------------------------------------
 
 
-def test_registry_holds_the_four_optimizers_with_adamw_as_baseline():
-    assert set(OPTIMIZER_NAMES) == {"adamw", "lion", "sophia", "schedulefree"}
+def test_registry_holds_the_course_four_as_default_set_with_adamw_as_baseline():
+    assert COURSE_SET == ("adamw", "lion", "sophia", "schedulefree")
+    assert set(COURSE_SET) <= set(REGISTRY)
     assert BASELINE == "adamw"
     assert title_of("lion") == "Lion"
     assert title_of("someone-elses") == "someone-elses"
@@ -64,7 +73,7 @@ def _library_class(dotted: str) -> type:
                                       ("sophia", "pytorch_optimizer.SophiaH"),
                                       ("schedulefree", "schedulefree.AdamWScheduleFree")])
 def test_each_entry_builds_its_real_library_class(name, cls):
-    built = get_entry(name).build(tiny_vit().parameters(), hparams(name), CPU)
+    built = get_entry(name).make(tiny_vit(), hparams(name), CPU)
     assert type(built.optimizer) is _library_class(cls)
     assert built.implementation["class"] == cls
     assert built.optimizer.param_groups[0]["lr"] == hparams(name)["lr"]
@@ -75,13 +84,13 @@ def test_only_schedulefree_goes_without_the_external_schedule():
 
 
 def test_adamw_implementation_is_chosen_by_device_and_recorded():
-    cpu = get_entry("adamw").build(tiny_vit().parameters(), hparams("adamw"), CPU)
+    cpu = get_entry("adamw").make(tiny_vit(), hparams("adamw"), CPU)
     assert cpu.implementation["code_path"] == "forloop" and cpu.optimizer.defaults["foreach"] is False
     cuda_ctx = BuildContext(device_type="cuda", total_steps=100, warmup_steps=5)
-    cuda = get_entry("adamw").build(tiny_vit().parameters(), hparams("adamw"), cuda_ctx)
+    cuda = get_entry("adamw").make(tiny_vit(), hparams("adamw"), cuda_ctx)
     assert cuda.implementation["code_path"] == "fused" and cuda.optimizer.defaults["fused"] is True
     with pytest.raises(ConfigError, match="implementation 'turbo' unknown"):
-        get_entry("adamw").build(tiny_vit().parameters(), hparams("adamw", implementation="turbo"), CPU)
+        get_entry("adamw").make(tiny_vit(), hparams("adamw", implementation="turbo"), CPU)
 
 
 # --- Lion: decoupled_weight_decay ------------------------------------------------------------------
@@ -91,7 +100,7 @@ def test_lion_zero_grad_step_shrinks_weights_by_exactly_one_minus_lr_wd():
     hp = hparams("lion")
     p = zero_grad_param()
     before = p.detach().clone()
-    built = get_entry("lion").build([p], hp, CPU)
+    built = get_entry("lion").make(holder(p), hp, CPU)
     built.optimizer.step()
     assert torch.equal(p.detach(), before * (1 - hp["lr"] * hp["weight_decay"]))
     assert built.optimizer.decoupled_wd is False
@@ -131,7 +140,7 @@ def test_sophia_zero_grad_hessian_step_shrinks_weights_by_exactly_one_minus_lr_w
     p = torch.nn.Parameter(torch.randn(257, generator=torch.Generator().manual_seed(0)))
     before = p.detach().clone()
     entry = get_entry("sophia")
-    opt = entry.build([p], hp, CPU).optimizer
+    opt = entry.make(holder(p), hp, CPU).optimizer
     assert entry.hessian_due(opt)  # the very first step estimates the Hessian
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
@@ -149,7 +158,7 @@ def test_sophia_hessian_is_due_every_update_period_steps_counted_before_the_step
     model = tiny_vit()
     data_x = torch.randn(4, 3, 16, 16)
     data_y = torch.arange(4)
-    opt = entry.build(model.parameters(), hparams("sophia", update_period=3), CPU).optimizer
+    opt = entry.make(model, hparams("sophia", update_period=3), CPU).optimizer
     due = []
     for _ in range(7):
         hessian = entry.hessian_due(opt)
@@ -162,7 +171,7 @@ def test_sophia_plain_step_needs_no_second_order_graph_but_hessian_step_does():
     """A Hessian step without create_graph=True raises inside SophiaH: the loop must know which is which."""
     entry = get_entry("sophia")
     model = tiny_vit()
-    opt = entry.build(model.parameters(), hparams("sophia"), CPU).optimizer
+    opt = entry.make(model, hparams("sophia"), CPU).optimizer
     F.cross_entropy(model(torch.randn(2, 3, 16, 16)), torch.tensor([0, 1])).backward()
     with pytest.raises(RuntimeError):
         opt.step()
@@ -176,7 +185,7 @@ def test_schedulefree_eval_mode_swaps_in_the_averaged_weights(synthetic_data):
     1 - 1/beta1, i.e. x = (y - (1 - beta1) * z) / beta1; train() goes back to y."""
     entry = get_entry("schedulefree")
     model = tiny_vit()
-    built = entry.build(model.parameters(), hparams("schedulefree"), CPU)
+    built = entry.make(model, hparams("schedulefree"), CPU)
     opt = built.optimizer
     assert built.implementation["warmup_steps"] == CPU.warmup_steps == opt.param_groups[0]["warmup_steps"]
     entry.train_mode(opt)
@@ -207,7 +216,7 @@ def test_schedulefree_eval_mode_swaps_in_the_averaged_weights(synthetic_data):
 def test_schedulefree_refuses_to_step_outside_train_mode():
     entry = get_entry("schedulefree")
     p = zero_grad_param()
-    opt = entry.build([p], hparams("schedulefree"), CPU).optimizer
+    opt = entry.make(holder(p), hparams("schedulefree"), CPU).optimizer
     with pytest.raises(Exception, match="train mode"):
         opt.step()
     entry.train_mode(opt)
@@ -220,7 +229,7 @@ def test_schedulefree_refuses_to_step_outside_train_mode():
 def one_step_state_bytes(name: str) -> tuple[int, torch.optim.Optimizer, torch.nn.Module]:
     entry = get_entry(name)
     model = tiny_vit()
-    opt = entry.build(model.parameters(), hparams(name), CPU).optimizer
+    opt = entry.make(model, hparams(name), CPU).optimizer
     assert optimizer_state_bytes(opt) == 0  # all four allocate state lazily
     entry.train_mode(opt)
     hessian = entry.hessian_due(opt)
@@ -232,7 +241,7 @@ def one_step_state_bytes(name: str) -> tuple[int, torch.optim.Optimizer, torch.n
 def test_state_bytes_per_parameter_match_each_optimizers_state():
     """fp32 state per parameter: AdamW 8 B, Lion 4 B (exactly half), Sophia 12 B (1.5x), Schedule-Free 8 B.
     AdamW also keeps one 4-byte `step` tensor per parameter tensor; that counter is the only difference."""
-    sizes = {name: one_step_state_bytes(name) for name in OPTIMIZER_NAMES}
+    sizes = {name: one_step_state_bytes(name) for name in COURSE_SET}
     adamw_bytes, adamw_opt, model = sizes["adamw"]
     param_bytes = sum(p.nbytes for p in model.parameters())
     step_counter_bytes = sum(s["step"].nbytes for s in adamw_opt.state.values())

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from optbench.cli import app
-from optbench.toy import CONTENDERS, rosenbrock, rotated_quadratic, run_toy, toy_settings
+from optbench.optimizers import COURSE_SET
+from optbench.toy import REFERENCE, rosenbrock, rotated_quadratic, run_toy, toy_settings
 
 STEPS = 60  # six Sophia Hessian estimates at update_period 10; a fraction of a second per optimizer
 SEED = 3
@@ -118,7 +119,7 @@ def test_rerun_gives_identical_numbers(rosenbrock_run):
 
 def test_toy_uses_the_lr_table_no_weight_decay_and_the_course_values_otherwise(rosenbrock_run):
     settings = toy_settings("rosenbrock")
-    assert [r.key for r in rosenbrock_run.runs] == list(CONTENDERS)
+    assert [r.key for r in rosenbrock_run.runs] == [*COURSE_SET, REFERENCE]
     for run in rosenbrock_run.runs:
         assert run.hparams["lr"] == settings.lr[run.key]
         assert run.hparams["weight_decay"] == 0.0
@@ -132,7 +133,7 @@ def test_toy_uses_the_lr_table_no_weight_decay_and_the_course_values_otherwise(r
 def test_every_optimizer_decreases_the_loss_on_the_quadratic():
     result = run_toy("quadratic", steps=100)
     start_loss = float(rotated_quadratic(torch.tensor(result.start, dtype=torch.float64)))
-    assert len(result.runs) == len(CONTENDERS)
+    assert len(result.runs) == len(COURSE_SET) + 1
     for run in result.runs:
         assert run.diverged_at is None, run.key
         assert run.losses[0] == start_loss

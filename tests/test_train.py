@@ -36,7 +36,7 @@ def loop(name, data, epochs=2, batch_size=16, hparams=None, seed=0):
     model = build_model("vit_tiny_patch16_224", data.spec, seed, depth=1)
     hp = {**entry.defaults(), **(hparams or {})}
     hp.pop("title", None)
-    opt = entry.build(model.parameters(), hp, BuildContext("cpu", total_steps=100, warmup_steps=3)).optimizer
+    opt = entry.make(model, hp, BuildContext("cpu", total_steps=100, warmup_steps=3)).optimizer
     return model, opt, entry
 
 
