@@ -53,11 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from optbench.config import optimizer_defaults, resolved_warmup_steps
+from optbench.config import resolved_warmup_steps
 from optbench.data import SPECS, ImageData, train_batches
 from optbench.experiment import warmup_cosine
 from optbench.models import build_model
-from optbench.optimizers import BuildContext, get_entry
+from optbench.optimizers import BASELINE, COURSE_SET, BuildContext, get_entry
 from optbench.train import train, training_step
 
 perf = time.perf_counter
@@ -67,7 +67,8 @@ VIT_TINY = "vit_tiny_patch16_224"  # built by optbench at 32x32 with patch 4: 65
 # forward+backward+step on 128 images costs about as much as augmenting 128 images in PIL, so data
 # handling is a visible share of every step (see the section text printed at run time).
 SMALL_VIT, SMALL_DEPTH = "test_vit", 1
-OPTIMIZERS = ("adamw", "lion", "sophia", "schedulefree")
+OPTIMIZERS = COURSE_SET  # the registry's default set
+SOPHIA = next(n for n in COURSE_SET if get_entry(n).force_hessian_next is not None)  # the Hessian-step optimizer
 SECTIONS = ("data", "step", "sophia", "e2e")
 
 
@@ -141,9 +142,7 @@ def ratio_line(rid: str, label: str, ratio: float, results: dict[str, Any], **fi
 
 
 def hparams(name: str) -> dict[str, Any]:
-    hp = dict(optimizer_defaults(name))
-    hp.pop("title", None)
-    return hp
+    return get_entry(name).defaults()
 
 
 def synthetic_cifar(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +293,7 @@ def bench_step(p: Profile, results: dict[str, Any]) -> None:
     b = p.step_batch
     say(f"\n[2] Training step: {vit_title(p)}, batch {b}, AdamW, fp32")
     data = optbench_data(*synthetic_cifar(max(4 * b, 2048)))
-    entry, hp = get_entry("adamw"), hparams("adamw")
+    entry, hp = get_entry(BASELINE), hparams(BASELINE)
     model_a = build_model(VIT_TINY, SPEC, seed=0, depth=p.vit_depth)
     model_b = copy.deepcopy(model_a)
     built = entry.make(model_a, hp, BuildContext("cpu", total_steps=1000, warmup_steps=0))
@@ -397,7 +396,7 @@ def bench_optimizers(p: Profile, results: dict[str, Any]) -> None:
         run["steps_plain"], run["steps_hessian"] = [], []
     if p.opt_warmup:  # Sophia: one whole period (its Hessian path included), so timed blocks start aligned
         for name, run in runs.items():
-            for _ in range(block if name == "sophia" else 2):
+            for _ in range(block if name == SOPHIA else 2):
                 one_step(run)
             for key in ("step_plain", "step_hessian", "steps_plain", "steps_hessian"):
                 run[key].clear()
@@ -417,7 +416,7 @@ def bench_optimizers(p: Profile, results: dict[str, Any]) -> None:
         share = len(hessian) / (len(plain) + len(hessian))
         return (share * median(hessian) if hessian else 0.0) + (1 - share) * median(plain)
 
-    hessian_steps = len(runs["sophia"]["steps_hessian"])
+    hessian_steps = len(runs[SOPHIA]["steps_hessian"])
     say(f"    ({elapsed:.0f} s; Sophia made {hessian_steps} Hessian step(s) in {p.opt_rounds * block} timed steps)")
     say(f"    {'optimizer':<21}{'plain step':>12}{'Hessian step':>14}{'amortised':>12}{'vs AdamW':>10}"
         f"{'step() plain':>14}{'step() Hessian':>16}{'step() amort.':>15}   implementation")
@@ -433,10 +432,10 @@ def bench_optimizers(p: Profile, results: dict[str, Any]) -> None:
                        "step_call_plain_median_s": median(run["step_plain"]), "step_call_hessian_median_s": step_hess,
                        "step_call_amortised_s": step_amort, "steps_plain_s": run["steps_plain"],
                        "steps_hessian_s": run["steps_hessian"], "implementation": run["impl"]}
-    adamw = table["adamw"]["amortised_step_s"]
+    adamw = table[BASELINE]["amortised_step_s"]
     for name, row in table.items():
         row["vs_adamw"] = row["amortised_step_s"] / adamw
-        row["vs_adamw_block_median"] = median([s / a for s, a in zip(row["block_s"], table["adamw"]["block_s"])])
+        row["vs_adamw_block_median"] = median([s / a for s, a in zip(row["block_s"], table[BASELINE]["block_s"])])
 
         def ms(value: float | None, width: int) -> str:
             return f"{1e3 * value:{width - 3}.1f} ms" if value is not None else f"{'-':>{width}}"
@@ -450,15 +449,15 @@ def bench_optimizers(p: Profile, results: dict[str, Any]) -> None:
         "steps of each kind; amortised = those medians")
     say(f"    weighted by their shares of the steps (Sophia: 1 in {block}); step() columns time optimizer.step() alone "
         "(pre/post hooks), same statistics.")
-    sophia = table["sophia"]
+    sophia = table[SOPHIA]
     say(f"    cross-check from raw block times (sensitive to load spikes): Sophia / AdamW = "
         f"{sophia['vs_adamw_block_median']:.3f} (median over rounds of the block ratio), "
         f"{sophia['block_mean_step_s'] / table['adamw']['block_mean_step_s']:.3f} (ratio of mean block times)")
-    if runs["sophia"]["steps_hessian"]:
-        share = len(runs["sophia"]["steps_hessian"]) / (len(runs["sophia"]["steps_hessian"]) +
-                                                       len(runs["sophia"]["steps_plain"]))
-        least = share * min(runs["sophia"]["steps_hessian"]) + (1 - share) * min(runs["sophia"]["steps_plain"])
-        sophia["least_disturbed_vs_adamw"] = least / min(runs["adamw"]["steps_plain"])
+    if runs[SOPHIA]["steps_hessian"]:
+        share = len(runs[SOPHIA]["steps_hessian"]) / (len(runs[SOPHIA]["steps_hessian"]) +
+                                                       len(runs[SOPHIA]["steps_plain"]))
+        least = share * min(runs[SOPHIA]["steps_hessian"]) + (1 - share) * min(runs[SOPHIA]["steps_plain"])
+        sophia["least_disturbed_vs_adamw"] = least / min(runs[BASELINE]["steps_plain"])
         say(f"    least-disturbed estimate (fastest Hessian and fastest plain step, over AdamW's fastest step): "
             f"{sophia['least_disturbed_vs_adamw']:.3f}; Hessian steps are the most sensitive to a shared machine")
     results["optimizers"] = {"batch": b, "rounds": p.opt_rounds, "block": block, "table": table}
@@ -553,7 +552,7 @@ class E2EConfig:
 
 def run_optbench_e2e(cfg: E2EConfig, data: ImageData, steps: int) -> dict[str, Any]:
     """optbench's real train() for one epoch of `steps` steps: AdamW from the registry, warmup+cosine."""
-    entry, hp = get_entry("adamw"), hparams("adamw")
+    entry, hp = get_entry(BASELINE), hparams(BASELINE)
     model = build_model(cfg.model, SPEC, seed=0, depth=cfg.depth)
     warmup = resolved_warmup_steps(500, steps)
     optimizer = entry.make(model, hp, BuildContext("cpu", steps, warmup)).optimizer
@@ -576,7 +575,7 @@ def run_lightning_e2e(cfg: E2EConfig, hwc: np.ndarray, labels: np.ndarray, mean:
     """Lightning's Trainer.fit for one epoch of `steps` steps over a standard DataLoader + PIL transforms."""
     import lightning as L
 
-    hp = hparams("adamw")
+    hp = hparams(BASELINE)
     model = build_model(cfg.model, SPEC, seed=0, depth=cfg.depth)
     warmup = resolved_warmup_steps(500, steps)
     timer = PhaseTimer(model)

@@ -297,6 +297,7 @@ def memory(
     image_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's, 224)"),
     patch_size: Optional[int] = typer.Option(None, help="patch size (default: keeps >= 8x8 patches; 32px -> 4)"),
     num_classes: int = typer.Option(1000, help="classes of the head"),
+    depth: Optional[int] = typer.Option(None, help="override the ViT depth (default: the model's)"),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)"),
     method: str = typer.Option("auto", help="auto (cuda if present, else estimate), cuda, tracked or estimate"),
     adamw_impl: str = typer.Option("foreach", help="AdamW baseline: foreach (torch's CUDA default), fused, forloop"),
@@ -316,7 +317,7 @@ def memory(
             check_json_path(json_path)
         spec = resolve_spec(model, batch_size, image_size=image_size, precision=precision, method=method,
                             adamw_impl=adamw_impl, optimizers=select(optimizers),
-                            num_classes=num_classes, patch_size=patch_size)
+                            num_classes=num_classes, patch_size=patch_size, depth=depth)
         result = measure_memory(spec, progress=lambda text: console.print(f"[dim]{text}[/dim]", soft_wrap=True))
         if json_path is not None:
             write_json(result, json_path)

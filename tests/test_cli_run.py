@@ -89,7 +89,7 @@ def test_unknown_preset():
     ("p0.02", "--opt expects KEY=VALUE (e.g. --opt p=0.02), got 'p0.02'"),
     ("=0.02", "--opt expects KEY=VALUE"),
     ("rho=0.02", "sophia has no hyperparameter 'rho'"),
-    ("betas=0.9", "betas for sophia must be two numbers"),
+    ("betas=0.9", "betas for sophia must be two"),
     ("update_period=0", "update_period must be between 1 and"),
 ])
 def test_bad_opt(opt, fragment):
