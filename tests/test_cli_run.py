@@ -113,7 +113,7 @@ def test_installed_script_reports_bad_input_on_one_stderr_line():
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "error: unknown optimizer 'adam': choose one of adamw, lion, sophia, schedulefree"]
+        "error: unknown optimizer 'adam': choose one of adamw, lion, sophia, schedulefree, muon, adopt, ademamix, prodigy, soap, mars"]
 
 
 # --- runs ------------------------------------------------------------------------------------------
