@@ -2,7 +2,7 @@
 
 A trial here is a plain dict, as `optbench.tune.trial_dicts` extracts it from an Optuna study:
 
-    {"optimizer": "lion", "number": 7, "slot": 3, "state": "COMPLETE", "value": 0.41,
+    {"optimizer": "<name>", "number": 7, "slot": 3, "state": "COMPLETE", "value": 0.41,
      "params": {"lr": 1e-4, "weight_decay": 0.5}, "defaults": False, "config_hash": "…",
      "record": "path/to/record.json", "retry_history": [], "worker": "host:pid"}
 

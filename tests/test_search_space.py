@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from optbench.config import optimizer_defaults, resolve_config
+from optbench.config import resolve_config
+from optbench.optimizers import get_entry
 from optbench.errors import ConfigError
 from optbench.search_space import Param, check_equal_grids, on_edge, parse_search_space
 from optbench.tune import load_search_space
@@ -32,7 +33,7 @@ def test_lion_grid_is_seed_003s():
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_resolve_config_drops_the_non_hyperparameter_keys(name):
-    assert "search_space" in optimizer_defaults(name)
+    assert get_entry(name).search_space()
     hparams = resolve_config(name, "smoke").hparams
     assert not {"search_space", "title", "color"} & set(hparams)
 
