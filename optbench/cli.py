@@ -54,7 +54,7 @@ def run_overrides(**kwargs: Any) -> dict[str, Any]:
 def run(
     optimizer: str = typer.Option(..., "--optimizer", "-o", help="an optimizer of the registry: adamw, lion, sophia, "
                                   "schedulefree, muon, ... (`optbench optimizers` lists them)"),
-    preset: str = typer.Option("cifar10", help="a preset from configs/presets (smoke, cifar10, homework, ...)"),
+    preset: str = typer.Option("cifar10", help="a preset from optbench/configs/presets (smoke, cifar10, homework, ...)"),
     dataset: Optional[str] = typer.Option(None, help="cifar10, cifar100, fashion_mnist, digits or synthetic"),
     epochs: Optional[int] = typer.Option(None, help="training epochs"),
     batch_size: Optional[int] = typer.Option(None, help="training batch size"),
@@ -117,7 +117,7 @@ def _csv_list(text: str, what: str, cast=str) -> list:
 
 @app.command()
 def compare(
-    preset: str = typer.Option("smoke", help="workload preset from configs/presets (smoke, cifar10, homework, ...)"),
+    preset: str = typer.Option("smoke", help="workload preset from optbench/configs/presets (smoke, cifar10, homework, ...)"),
     optimizers: Optional[str] = typer.Option(None, help="comma-separated optimizers, or 'all' (default: the course's "
                                              "four, adamw,lion,sophia,schedulefree)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the preset's)"),
@@ -171,7 +171,7 @@ def compare(
 
 @app.command()
 def tune(
-    preset: str = typer.Option("smoke", help="workload preset from configs/presets (smoke, cifar10, homework, ...)"),
+    preset: str = typer.Option("smoke", help="workload preset from optbench/configs/presets (smoke, cifar10, homework, ...)"),
     optimizers: str = typer.Option("adamw,lion,sophia,schedulefree", help="comma-separated optimizers"),
     trials: int = typer.Option(12, help="trials per optimizer, the same for all (trial 1 is the defaults)"),
     space: str = typer.Option("grid", help="grid (the YAML grids, 12 points) or sobol (one seeded scrambled "

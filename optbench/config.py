@@ -1,9 +1,10 @@
 """Presets and command-line overrides resolved into one validated, frozen run config.
 
-Every default lives in the settings files (`optbench/configs/`, read by `settings.py`) (presets and optimizer hyperparameters); this module only merges,
-checks and identifies. A config's identity (`config_hash`) covers everything that can change the
-numbers a run produces, and nothing that cannot (where results are written, where data is read from,
-console verbosity), so `compare` can recognise a finished run and reuse it.
+Every default lives in the settings files (presets and optimizer hyperparameters in `optbench/configs/`,
+read by `settings.py`); this module only merges, checks and identifies. A config's identity
+(`config_hash`) covers everything that can change the numbers a run produces, and nothing that cannot
+(where results are written, where data is read from, console verbosity), so `compare` can recognise a
+finished run and reuse it.
 """
 
 from __future__ import annotations

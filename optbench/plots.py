@@ -123,7 +123,7 @@ def tuning_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: 
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
     for opt in optimizer_order(list(shown)):
-        c, color = shown[opt], COLORS.get(opt)
+        c, color = shown[opt], color_of(opt)
         x = np.array(c["trials"])
         ax.plot(x, 100 * np.array(c["observed"]), "-o", color=color, markersize=4, label=title_of(opt))
         ax.plot(x, 100 * np.array(c["median"]), "--", color=color, linewidth=1)

@@ -6,7 +6,7 @@ with `create_graph=True` (the real Hutchinson estimate), Schedule-Free is put in
 and read in eval mode. SGD with momentum runs beside them as a yardstick.
 
 Only two things are toy-specific, both stated in the output: the learning rate, per function and optimizer
-from configs/toy.yaml and constant (no external schedule; Schedule-Free's internal warmup is 0 steps), and
+from toy.yaml and constant (no external schedule; Schedule-Free's internal warmup is 0 steps), and
 weight decay, 0 for all (decay pulls a point towards the origin, not towards the function's minimum).
 
 Points are float64 so that losses far below float32's resolution still show on a log scale.
@@ -71,12 +71,12 @@ def get_objective(name: str) -> Objective:
         raise ConfigError(f"unknown function '{name}': choose one of {', '.join(OBJECTIVES)}") from None
 
 
-# --- Settings (configs/toy.yaml) -------------------------------------------------------------------
+# --- Settings (toy.yaml) -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ToySettings:
-    """One function's defaults from configs/toy.yaml."""
+    """One function's defaults from toy.yaml."""
 
     start: tuple[float, float]
     steps: int
@@ -315,7 +315,7 @@ def run_toy(function: str = "rosenbrock", steps: int | None = None, start: tuple
             seed: int | None = None, optimizers: list[str] | None = None) -> ToyResult:
     """Race every benchmarked optimizer and the SGD reference on one function from one start.
 
-    None takes the function's default from configs/toy.yaml.
+    None takes the function's default from toy.yaml.
     """
     objective = get_objective(function)
     settings = toy_settings(function)
@@ -354,9 +354,9 @@ def run_notes(result: ToyResult) -> list[str]:
         f"start {_point_text(result.start)}, {result.steps} steps, float64.",
         f"Seed {result.seed}: torch.manual_seed({result.seed}) before each optimizer "
         "(Sophia's Hutchinson probes are random).",
-        "Learning rates: per function from configs/toy.yaml, constant (no external schedule; "
+        "Learning rates: per function from toy.yaml, constant (no external schedule; "
         "Schedule-Free's warmup_steps=0). Weight decay 0 for every optimizer; the other hyperparameters are "
-        "the course's (configs/optimizers/).",
+        "the course's (optimizers/*.yaml).",
     ]
     for run in result.runs:
         lines.append(f"  {run.title}: {_hparam_text(run.hparams)}")
