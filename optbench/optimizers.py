@@ -16,6 +16,11 @@ layouts included), and what the training loop must do around `step()`:
   read before the step, is a multiple of `update_period`. That backward must use `create_graph=True`,
   and timm's fused attention cannot be differentiated twice, so those forwards use math attention.
   Plain steps use neither (both are slower and hold more memory).
+- `hessian_estimate`: on a Hessian step, an estimate the loop passes to `step(hessian=...)`, or None for
+  the optimizer's own. Sophia with `hessian_batch=N` (fewer than the batch) estimates z * (H z) on the
+  first N images (optbench/hutchinson.py): the full-batch forward and backward then stay plain (fused
+  attention, no `create_graph`) and only the N-image estimate pays for the double backward. The cadence
+  and SophiaH's step counter are unchanged; SophiaH counts an external estimate through `set_hessian`.
 
 Library traps handled here (each pinned by a test):
 - lion-pytorch's `decoupled_weight_decay=True` divides weight decay by the initial lr (wd 0.5 at lr 1e-4
@@ -109,6 +114,10 @@ def _no_warnings(hparams: dict[str, Any]) -> list[str]:
     return []
 
 
+def _no_estimate(model, optimizer, x, y, amp) -> None:
+    return None
+
+
 def _group_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
@@ -136,6 +145,8 @@ class OptimizerEntry:
     current_lr: Callable[[Any], float] = _group_lr  # the lr the last step used
     # Hessian estimates the optimizer itself made (counted inside the library call), or None.
     hessian_estimates: Callable[[Any], int] | None = None
+    # On a Hessian step: (model, optimizer, x, y, amp) -> estimate for step(hessian=...), or None.
+    hessian_estimate: Callable[..., list[torch.Tensor] | None] = _no_estimate
     extra_hparams: frozenset[str] = frozenset()
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hyperparameters with fixed options
     source: str = ""  # paper / library the defaults are cited from
@@ -232,14 +243,20 @@ def _lion_warnings(hp: dict[str, Any]) -> list[str]:
 def _build_sophia(groups, hp, ctx: BuildContext) -> Built:
     from pytorch_optimizer import SophiaH
 
+    hessian_batch = hp.get("hessian_batch")
+    if hessian_batch is not None and (isinstance(hessian_batch, bool) or not isinstance(hessian_batch, int)
+                                      or hessian_batch < 1):
+        raise ConfigError(f"Sophia hessian_batch must be a positive whole number of images, got {hessian_batch!r}")
     opt = SophiaH(
         _torch_groups(groups), lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"],
         weight_decouple=True, fixed_decay=False, p=hp["p"], update_period=hp["update_period"], num_samples=1,
         hessian_distribution=hp["hessian_distribution"], eps=hp["eps"],
     )
+    opt.hessian_batch = hessian_batch  # None: the whole batch, estimated by SophiaH from the step's graph
     _count_hessian_estimates(opt)
     return Built(opt, {"class": "pytorch_optimizer.SophiaH", "code_path": "foreach-if-supported",
-                       "estimator": "hutchinson", "update_period": hp["update_period"]})
+                       "estimator": "hutchinson", "update_period": hp["update_period"],
+                       "hessian_batch": hessian_batch if hessian_batch is not None else "full"})
 
 
 def _count_hessian_estimates(optimizer) -> None:
@@ -252,6 +269,23 @@ def _count_hessian_estimates(optimizer) -> None:
         return estimate(*args, **kwargs)
 
     optimizer.compute_hutchinson_hessian = counted
+    receive = optimizer.set_hessian  # an estimate passed through step(hessian=...) (hessian_batch)
+
+    def received(*args, **kwargs):
+        optimizer.hessian_estimates_made += 1
+        return receive(*args, **kwargs)
+
+    optimizer.set_hessian = received
+
+
+def _sophia_hessian_estimate(model, optimizer, x, y, amp) -> list[torch.Tensor] | None:
+    n = optimizer.hessian_batch
+    if n is None or n >= x.shape[0]:
+        return None  # the whole batch: SophiaH's own estimate from the step's graph costs one forward less
+    from optbench.hutchinson import hutchinson_diagonal
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return hutchinson_diagonal(model, params, x[:n], y[:n], amp, optimizer.distribution)
 
 
 def _sophia_estimates(optimizer) -> int:
@@ -375,9 +409,11 @@ register(OptimizerEntry(
     "sophia", "Sophia (Hutchinson)", "#2ca02c", "pytorch-optimizer", _build_sophia,
     group_params=_one_group(StateLayout(("momentum", "hessian_moment", "hessian"))),
     hessian_due=_sophia_hessian_due, force_hessian_next=_sophia_force_hessian_next,
-    hessian_estimates=_sophia_estimates, choices={"hessian_distribution": ("rademacher", "gaussian")},
+    hessian_estimates=_sophia_estimates, hessian_estimate=_sophia_hessian_estimate,
+    extra_hparams=frozenset({"hessian_batch"}), choices={"hessian_distribution": ("rademacher", "gaussian")},
     source="Liu et al. 2024 (SophiaH variant); course exercise 3",
-    notes="warmup + cosine; Hessian steps (every update_period) backprop with create_graph and math attention"))
+    notes="warmup + cosine; Hessian steps (every update_period) backprop with create_graph and math attention, "
+          "or with hessian_batch=N only an N-image estimate does"))
 register(OptimizerEntry(
     "schedulefree", "Schedule-Free AdamW", "#9467bd", "schedulefree", _build_schedulefree,
     external_schedule=False, group_params=_one_group(StateLayout(("z", "exp_avg_sq"))),

@@ -44,7 +44,7 @@ class TrainResult:
     diverged_at_step: int | None = None
     steps: int = 0
     images_seen: int = 0
-    hessian_steps: int = 0  # steps run with create_graph (the optimizer counts its estimates itself)
+    hessian_steps: int = 0  # steps that fed a Hessian estimate (the optimizer counts its estimates itself)
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -62,15 +62,21 @@ def autocast_for(device: torch.device, precision: str):
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: OptimizerEntry,
                   x: torch.Tensor, y: torch.Tensor, amp, hessian: bool) -> torch.Tensor:
-    """One optimizer step; returns the detached loss. `hessian`: this step feeds a Hessian estimate."""
+    """One optimizer step; returns the detached loss. `hessian`: this step feeds a Hessian estimate.
+
+    The estimate is either the entry's own (e.g. on a sub-batch, made before this step's forward so the
+    two graphs never coexist) or, when the entry gives none, the optimizer's, from this backward's graph.
+    """
+    estimate = entry.hessian_estimate(model, optimizer, x, y, amp) if hessian else None
+    second_order = hessian and estimate is None
     # Double backward through attention needs the math kernel; plain steps keep the fused one.
-    with amp, (sdpa_kernel(SDPBackend.MATH) if hessian else nullcontext()):
+    with amp, (sdpa_kernel(SDPBackend.MATH) if second_order else nullcontext()):
         loss = F.cross_entropy(model(x), y)
     with warnings.catch_warnings():
         # create_graph=True warns about a param<->grad reference cycle; zero_grad(set_to_none) breaks it.
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-        loss.backward(create_graph=hessian)
-    optimizer.step()
+        loss.backward(create_graph=second_order)
+    optimizer.step(**({} if estimate is None else {"hessian": estimate}))
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
