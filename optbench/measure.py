@@ -186,6 +186,16 @@ def _phase_tracker_class():
                 self.watched_device = device
                 self.phase_peaks: dict[str, dict[Any, int]] = {}
 
+            def _pre_fw_hook(self, module, inputs) -> None:
+                # A step may run the model twice (Sophia's sub-batch Hessian estimate, then the step's
+                # own forward). MemTracker refuses a root module's second forward; the module-wise stats
+                # it would keep are unused here, so a repeated root forward starts them afresh.
+                if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                    name = self._mod_tracker.get_known_fqn(module)
+                    if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                        self.reset_mod_stats()
+                super()._pre_fw_hook(module, inputs)
+
             def _update_peak_stats(self, peak_state) -> None:
                 snap = self._curr_mem_snap.get(self.watched_device)
                 if snap is None:
@@ -216,7 +226,7 @@ def tracked_step_phases(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     Hessian-vector products included, and those it may book as "grads"): the step's own temporaries are
     `step["total"] - step_entry["total"]`, not a category. Optimizer state must exist before the call
     (optimizers create it lazily on their first step), or the first step's state counts as temporaries.
-    A fresh tracker per call: MemTracker refuses a second forward of a module it has seen.
+    A fresh tracker per call. A step may run the model more than once (module-wise stats restart).
     """
     device = next(model.parameters()).device
     tracker = _phase_tracker_class()(device)

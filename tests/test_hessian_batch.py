@@ -37,7 +37,7 @@ def test_whole_batch_estimate_equals_sophias_own_with_the_same_probe_vector():
     model = tiny_vit()
     x, y = batch()
     own = copy.deepcopy(model)
-    opt = entry.build(own.parameters(), hparams("sophia"), CPU).optimizer
+    opt = entry.make(own, hparams("sophia"), CPU).optimizer
     assert entry.hessian_due(opt)
     torch.manual_seed(7)
     training_step(own, opt, entry, x, y, AMP, hessian=True)  # today's path: SophiaH estimates itself
@@ -66,7 +66,7 @@ def test_hessian_batch_step_passes_the_sub_batch_estimate_and_keeps_cadence_and_
     model = tiny_vit()
     x, y = batch()
     reference = sub_batch_estimate(copy.deepcopy(model), x, y, 2)
-    opt = entry.build(model.parameters(), hparams("sophia", hessian_batch=2, update_period=3), CPU).optimizer
+    opt = entry.make(model, hparams("sophia", hessian_batch=2, update_period=3), CPU).optimizer
     assert opt.hessian_batch == 2
     own_estimates = []
     opt.compute_hutchinson_hessian = lambda *a, **k: own_estimates.append(1)  # must never run
@@ -88,7 +88,7 @@ def test_hessian_batch_step_passes_the_sub_batch_estimate_and_keeps_cadence_and_
 def test_hessian_batch_at_least_the_batch_is_sophias_own_full_batch_path():
     entry = get_entry("sophia")
     model = tiny_vit()
-    opt = entry.build(model.parameters(), hparams("sophia", hessian_batch=8), CPU).optimizer
+    opt = entry.make(model, hparams("sophia", hessian_batch=8), CPU).optimizer
     x, y = batch(8)
     assert entry.hessian_estimate(model, opt, x, y, AMP) is None
 
@@ -96,4 +96,4 @@ def test_hessian_batch_at_least_the_batch_is_sophias_own_full_batch_path():
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
 def test_hessian_batch_must_be_a_positive_whole_number(bad):
     with pytest.raises(ConfigError, match="hessian_batch"):
-        get_entry("sophia").build(tiny_vit().parameters(), hparams("sophia", hessian_batch=bad), CPU)
+        get_entry("sophia").make(tiny_vit(), hparams("sophia", hessian_batch=bad), CPU)
