@@ -13,6 +13,7 @@ code execution, so an unverified CIFAR file is never unpickled outside tests).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -123,7 +124,31 @@ def _fashion_mnist(spec: DatasetSpec, root: Path, download: bool) -> tuple[np.nd
     return (train.data.numpy()[:, None], train.targets.numpy(), test.data.numpy()[:, None], test.targets.numpy())
 
 
-def _digits(spec: DatasetSpec) -> tuple[np.ndarray, ...]:
+def _digits(spec: DatasetSpec, data_dir: str | Path = "data") -> tuple[np.ndarray, ...]:
+    """The split below, stored once in DATA_DIR/digits-split-sklearn-VERSION.npz: importing scikit-learn
+    costs seconds per process (1.5-7 s here), reading the 140 KB file milliseconds. Same arrays either way;
+    an unreadable file is split afresh, an unwritable folder only costs the reuse."""
+    from importlib import metadata
+
+    stored = Path(data_dir) / f"digits-split-sklearn-{metadata.version('scikit-learn')}.npz"
+    try:
+        with np.load(stored) as saved:
+            return tuple(saved[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+    except (OSError, ValueError, KeyError, EOFError):
+        pass
+    arrays = _digits_split()
+    try:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stored.with_name(f".tmp-{os.getpid()}-{stored.name}")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays)))
+        os.replace(tmp, stored)  # atomic: a concurrent reader sees no file or the whole file
+    except OSError:
+        pass
+    return arrays
+
+
+def _digits_split() -> tuple[np.ndarray, ...]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -179,7 +204,7 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
     elif name == "fashion_mnist":
         arrays = _fashion_mnist(spec, root, download)
     elif name == "digits":
-        arrays = _digits(spec)
+        arrays = _digits(spec, data_dir)
     else:
         arrays = _synthetic(spec)
     tr_x, tr_y, te_x, te_y = arrays

@@ -24,6 +24,7 @@ from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, r
                               training_flops_per_image)
 from optbench.models import build_model, param_count
 from optbench.optimizers import BuildContext, get_entry, library_versions
+from optbench.setup_cache import cached, flops_key, probe_key
 from optbench.records import SCHEMA_VERSION, ensure_writable, utc_now, write_record
 from optbench.train import TrainResult, autocast_for, train, training_step
 
@@ -186,18 +187,32 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
 
     sample_x = data.normalize(data.train_x[: min(config.batch_size, data.train_x.shape[0])])
     sample_y = data.train_y[: sample_x.shape[0]]
-    flops_per_image = training_flops_per_image(model, sample_x[:2], sample_y[:2])
+    # FLOP count and memory probe depend on the workload, not on the seed or lr: measured once per key
+    # in RESULTS/cache and reused (setup_cache says what the keys hold).
+    flops_per_image, flops_reused_from = cached(
+        config.results_dir, flops_key(config.model, config.patch_size, config.depth, data.spec.num_classes,
+                                      tuple(sample_x[:2].shape)),
+        lambda: training_flops_per_image(model, sample_x[:2], sample_y[:2]), reporter.warn)
 
     probe = saved["memory_probe"] if saved else None
+    probe_reused_from = saved.get("memory_probe_reused_from") if saved else None
     if config.memory_probe and probe is None:
-        reporter.phase("measuring memory (probe on a copy)")
-
         def probe_step(m, opt):
             entry.train_mode(opt)
             training_step(m, opt, entry, sample_x, sample_y, amp, entry.hessian_due(opt))
 
-        probe = memory_probe(model, lambda m: _build_optimizer(entry, m, config.hparams, context).optimizer,
-                             probe_step, entry.force_hessian_next, (sample_x, sample_y))
+        def measure_probe():
+            reporter.phase("measuring memory (probe on a copy)")
+            # Sophia's Hutchinson draws from the global generators: a probe must not move the run's
+            # random streams, or a run with a reused probe would train differently from one without.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                return memory_probe(
+                    model, lambda m: _build_optimizer(entry, m, config.hparams, context).optimizer,
+                    probe_step, entry.force_hessian_next, (sample_x, sample_y))
+
+        probe, probe_reused_from = cached(
+            config.results_dir, probe_key(config.identity, tuple(sample_x.shape), str(sample_x.dtype)),
+            measure_probe, reporter.warn)
 
     progress = None
     earlier_wall = 0.0
@@ -218,7 +233,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
             save_checkpoint(ckpt_path, {
                 "config_hash": config.config_hash, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": capture_rng(device),
-                "progress": asdict(state), "memory_probe": probe, "hessian_estimates": estimates_so_far(),
+                "progress": asdict(state), "memory_probe": probe,
+                "memory_probe_reused_from": probe_reused_from, "hessian_estimates": estimates_so_far(),
                 "wall_time_s": earlier_wall + time.perf_counter() - wall_start,
             })
         except CheckpointError as exc:  # losing a checkpoint must not lose the run
@@ -272,6 +288,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "resumed": saved is not None,
         "throughput_images_per_s": result.images_seen / result.train_time_s if result.train_time_s else None,
         "training_flops_per_image": flops_per_image,
+        "training_flops_reused_from": flops_reused_from,
         "achieved_tflops": (flops_per_image * result.images_seen / result.train_time_s / 1e12
                             if result.train_time_s else None),
         "steps": result.steps,
@@ -283,6 +300,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "peak_memory_source": peak_source,
         "peak_memory_reserved_bytes": reserved,
         "memory_breakdown": probe,
+        "memory_breakdown_reused_from": probe_reused_from,  # a cache file of an earlier run, or None: measured here
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "final_weights_sha256": weights_digest(model),
         "param_count": param_count(model),
