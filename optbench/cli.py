@@ -141,7 +141,6 @@ def compare(
     from optbench.compare import plan_runs, run_comparison
     from optbench.config import preset_seeds
     from optbench.console import RichReporter, console, show_report
-    from optbench.report import build_report
 
     from optbench.optimizers import select
 
@@ -159,6 +158,8 @@ def compare(
             results_dir=results))
         records = run_comparison(configs, rerun, lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=quiet),
                                  lambda text: console.print(text, soft_wrap=True))
+        from optbench.report import build_report  # pandas: only once the runs are done, not before the first step
+
         report = build_report(records, Path(results), margin=margin / 100, expected_optimizers=names)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)

@@ -1,0 +1,219 @@
+"""Whole-process cost of a run (issue 17): set-up with and without reuse, compare end to end, vs timm's train.py.
+
+    .venv/bin/python benchmarks/setup_cost.py --timm-train PATH/train.py [--before SRC] [--pairs 3]
+    .venv/bin/python benchmarks/setup_cost.py --sections setup,dryrun --before /tmp/optbench-before
+
+Sections (every process runs with OMP_NUM_THREADS=MKL_NUM_THREADS=1 and one intra-op torch thread;
+the two sides of a comparison alternate, A B A B ..., and the median and min-max are printed):
+  dryrun  `optbench run -o adamw --preset smoke --dry-run`: process wall time.
+  setup   a smoke run (`run -o adamw --preset smoke --epochs 1`) twice in a fresh results and data folder:
+          set-up = record's total_wall_time_s - train_wall_time_s - eval_wall_time_s (the record's own
+          clock: from run_experiment's start, so it holds the dataset, model, FLOP count and memory probe,
+          but not the process's imports of torch and the CLI), and the whole process's time outside
+          training (process wall - training - evaluation). The first run measures (cold), the second
+          reuses the probe, the FLOP count and the digits split (warm). With --before, the same for that
+          source tree (e.g. a worktree of the commit before issue 17), interleaved.
+  compare `optbench compare --preset smoke` end to end (four optimizers, fresh results folder), after and,
+          with --before, before.
+  timm    whole process: `optbench run -o adamw --preset smoke` against timm's train.py on the same
+          workload: ViT-Tiny (timm), depth 4, patch 2, 8x8 one-channel digits (the same 1,437/360 split,
+          written once as an image folder train/ validation/ with one PNG per image: the folder layout
+          train.py reads natively, no change to the script), batch 32, AdamW lr 1e-3 weight decay 0.05,
+          8 epochs, cosine per step with warmup, no augmentation, no label smoothing, evaluation each
+          epoch, data loading in the main process (-j 0), CPU. Differences we cannot remove: timm warms up
+          in whole epochs (1 epoch = 45 steps; optbench 36 = 10% of the run) from warmup-lr 0, saves
+          checkpoints (--checkpoint-hist 1), and decodes PNGs each epoch (that is what train.py does).
+          optbench runs warm (its cache filled by one earlier run, as in any compare or tune after the first
+          run); a cold optbench run is printed too.
+
+timm's train.py is not in the timm wheel nor in its source distribution on PyPI (timm-1.0.31.tar.gz holds
+only the package): pass --timm-train with a copy of train.py from github.com/huggingface/pytorch-image-models
+at the tag nearest the installed timm (kept outside the package, not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("dryrun", "setup", "compare", "timm")
+
+
+def env_for(src: Path) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(src))
+    return env
+
+
+def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def optbench_cmd(*args: str) -> list[str]:
+    # `import torch; torch.set_num_threads(1)` is what OMP_NUM_THREADS=1 already gives; the CLI as a user runs it.
+    return [sys.executable, "-m", "optbench.cli", *args]
+
+
+def stats(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f}, n={len(values)})"
+
+
+def newest_record(results: Path) -> dict[str, Any]:
+    return json.loads(max(results.glob("*.json"), key=lambda p: p.stat().st_mtime).read_text())
+
+
+def load_note() -> str:
+    return f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine)"
+
+
+def bench_dryrun(srcs: dict[str, Path], pairs: int, out: dict[str, Any]) -> None:
+    times: dict[str, list[float]] = {name: [] for name in srcs}
+    for _ in range(pairs):
+        for name, src in srcs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                times[name].append(timed(optbench_cmd("run", "-o", "adamw", "--preset", "smoke", "--dry-run"),
+                                         env_for(src), Path(tmp)))
+    for name, values in times.items():
+        print(f"dryrun [{name}] `optbench run --dry-run` wall s: {stats(values)}")
+    out["dryrun"] = times
+
+
+def smoke_run(src: Path, cwd: Path, results: Path, epochs: int | None = 1) -> tuple[float, dict[str, Any]]:
+    extra = ["--epochs", str(epochs)] if epochs else []
+    wall = timed(optbench_cmd("run", "-o", "adamw", "--preset", "smoke", *extra, "--results-dir", str(results), "-q"),
+                 env_for(src), cwd)
+    return wall, newest_record(results)
+
+
+def bench_setup(srcs: dict[str, Path], pairs: int, out: dict[str, Any]) -> None:
+    rows: dict[str, dict[str, list[float]]] = {name: {} for name in srcs}
+    for _ in range(pairs):
+        for name, src in srcs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                for label in ("first", "second"):
+                    wall, rec = smoke_run(src, Path(tmp), Path(tmp) / "results")
+                    inside = rec["total_wall_time_s"] - rec["train_wall_time_s"] - rec["eval_wall_time_s"]
+                    outside = wall - rec["train_wall_time_s"] - rec["eval_wall_time_s"]
+                    rows[name].setdefault(f"{label} run: set-up in the record", []).append(inside)
+                    rows[name].setdefault(f"{label} run: process outside training", []).append(outside)
+                    rows[name].setdefault(f"{label} run: process wall", []).append(wall)
+    for name, table in rows.items():
+        for label, values in table.items():
+            print(f"setup [{name}] {label} s: {stats(values)}")
+    out["setup"] = rows
+
+
+def bench_compare(srcs: dict[str, Path], pairs: int, out: dict[str, Any]) -> None:
+    times: dict[str, list[float]] = {name: [] for name in srcs}
+    for _ in range(pairs):
+        for name, src in srcs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                times[name].append(timed(optbench_cmd("compare", "--preset", "smoke", "--results-dir",
+                                                      str(Path(tmp) / "results"), "-q"), env_for(src), Path(tmp)))
+    for name, values in times.items():
+        print(f"compare [{name}] `optbench compare --preset smoke` wall s: {stats(values)}")
+    out["compare"] = times
+
+
+def digits_image_folder(root: Path) -> tuple[list[float], list[float]]:
+    """optbench's digits split as train/ and validation/ folders of 8x8 grey PNGs; returns (mean, std)."""
+    sys.path.insert(0, str(ROOT))
+    from PIL import Image
+
+    from optbench.data import load_dataset
+
+    data = load_dataset("digits", data_dir=root / "npz")
+    for split, xs, ys in (("train", data.train_x, data.train_y), ("validation", data.test_x, data.test_y)):
+        for i, (x, y) in enumerate(zip(xs.numpy(), ys.tolist())):
+            folder = root / split / str(y)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[0], mode="L").save(folder / f"{i:05d}.png")
+    return data.mean.tolist(), data.std.tolist()
+
+
+def timm_cmd(train_py: Path, data_dir: Path, output: Path, mean: list[float], std: list[float]) -> list[str]:
+    return [sys.executable, str(train_py), "--data-dir", str(data_dir), "--model", "vit_tiny_patch16_224",
+            "--model-kwargs", "depth=4", "patch_size=2", "img_size=8", "--in-chans", "1", "--input-size", "1", "8", "8",
+            "--num-classes", "10", "-b", "32", "--validation-batch-size", "512", "--opt", "adamw", "--lr", "1e-3",
+            "--weight-decay", "0.05", "--sched", "cosine", "--sched-on-updates", "--epochs", "8",
+            "--warmup-epochs", "1", "--warmup-lr", "0", "--min-lr", "0", "--cooldown-epochs", "0", "--no-aug",
+            "--smoothing", "0", "--crop-pct", "1.0", "--interpolation", "bilinear", "--mean", *map(str, mean),
+            "--std", *map(str, std), "-j", "0", "--no-prefetcher", "--device", "cpu", "--seed", "0",
+            "--log-interval", "1000", "--checkpoint-hist", "1", "--output", str(output)]
+
+
+def bench_timm(src: Path, train_py: Path, pairs: int, out: dict[str, Any]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="optbench-vs-timm-"))
+    try:
+        mean, std = digits_image_folder(work / "digits")
+        results = work / "results"
+        cold, _ = smoke_run(src, work, results, epochs=None)  # fills the cache: later runs are warm
+        ob, tm, ratios = [], [], []
+        for i in range(pairs):
+            a, rec = smoke_run(src, work, results, epochs=None)
+            b = timed(timm_cmd(train_py, work / "digits", work / f"timm-out-{i}", mean, std),
+                      dict(env_for(src), PYTHONPATH=""), work)
+            ob.append(a)
+            tm.append(b)
+            ratios.append(a / b)
+            print(f"  pair {i}: optbench {a:.1f} s (test acc {rec['final_test_acc']:.3f}), timm train.py {b:.1f} s")
+        summary = work / "timm-out-0"
+        accs = sorted(summary.rglob("summary.csv"))
+        if accs:
+            print(f"  timm's last epoch (pair 0): {accs[0].read_text().strip().splitlines()[-1]}")
+        print(f"timm optbench (first, cold) process wall s: {cold:.1f}")
+        print(f"timm optbench (warm) process wall s: {stats(ob)}")
+        print(f"timm timm train.py process wall s: {stats(tm)}")
+        print(f"RATIO optbench / timm train.py (whole process): {stats(ratios)}  target <= 0.80  "
+              f"{'PASS' if statistics.median(ratios) <= 0.8 else 'MISS'}")
+        out["timm"] = {"optbench": ob, "timm": tm, "ratios": ratios, "optbench_cold": cold}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved repeats per side")
+    parser.add_argument("--before", type=Path, help="source tree of optbench before the change (a git worktree)")
+    parser.add_argument("--timm-train", type=Path, help="timm's train.py (see the module docstring)")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    args = parser.parse_args(argv)
+    sections = args.sections.split(",")
+    srcs = {"after": ROOT, **({"before": args.before.resolve()} if args.before else {})}
+    print(load_note())
+    out: dict[str, Any] = {"load_average_start": os.getloadavg()}
+    if "dryrun" in sections:
+        bench_dryrun(srcs, args.pairs, out)
+    if "setup" in sections:
+        bench_setup(srcs, args.pairs, out)
+    if "compare" in sections:
+        bench_compare(srcs, max(1, args.pairs // 2), out)
+    if "timm" in sections:
+        if not args.timm_train or not args.timm_train.is_file():
+            print("timm: SKIPPED: pass --timm-train PATH/train.py (not shipped in timm's wheel or sdist)")
+        else:
+            bench_timm(ROOT, args.timm_train, args.pairs, out)
+    out["load_average_end"] = os.getloadavg()
+    print(load_note().replace("at start", "at end"))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
