@@ -53,6 +53,7 @@ def test_anything_that_changes_a_steps_bytes_changes_the_probe_key(change):
 def test_sophia_state_changing_hyperparameters_are_in_the_key():
     base = _key("sophia")
     assert _key("sophia", {"update_period": 1}) != base  # every step a Hessian step: the plain step changes
+    assert _key("sophia", {"hessian_batch": 4}) != base  # the Hessian step's memory changes
     assert _key("sophia", {"lr": 0.02}) == base
 
 
