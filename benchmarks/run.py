@@ -656,6 +656,7 @@ class PhaseTimer:
 class _Silent:
     def epoch_start(self, epoch, epochs, steps): pass
     def progress(self, steps_done_in_epoch, loss, images_per_s): pass
+    def log_point(self, step, values): pass
     def epoch_end(self, row): pass
 
 

@@ -28,9 +28,11 @@ def _root() -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
+    from rich.markup import escape
+
     from optbench.console import console
 
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # escape: "optbench[wandb]" is no markup
     raise typer.Exit(code)
 
 
@@ -44,6 +46,11 @@ def parse_opt_args(items: list[str]) -> dict[str, Any]:
             fail(f"--opt expects KEY=VALUE (e.g. --opt p=0.02), got '{item}'")
         out[key.strip()] = parse_value(value)
     return out
+
+
+TRACK_HELP = ("also log live to tensorboard, mlflow or wandb (repeatable; each needs its extra, "
+              "e.g. pip install 'optbench[wandb]'; W&B runs offline unless WANDB_MODE=online)")
+TRACK_URI_HELP = "MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)"
 
 
 def run_overrides(**kwargs: Any) -> dict[str, Any]:
@@ -74,11 +81,14 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue this run from its checkpoint, if it has one"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config as JSON and stop"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output (warnings and errors only)"),
+    track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
+    track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
 ) -> None:
     """Train ViT-Tiny with one optimizer and write a run record."""
     from optbench.config import resolve_config
     from optbench.console import RichReporter, console, run_summary
     from optbench.experiment import resolve_runtime, run_experiment
+    from optbench.tracking import check_trackers, reporter_factory
 
     hparams = parse_opt_args(opt)
     if lr is not None:
@@ -94,7 +104,9 @@ def run(
             config = resolve_runtime(config)
             typer.echo(json.dumps({"config_hash": config.config_hash, **config.to_dict()}, indent=2))
             return
-        with RichReporter(optimizer, quiet=quiet) as reporter:
+        make_reporter = reporter_factory(lambda c: RichReporter(optimizer, quiet=quiet),
+                                         check_trackers(track, track_uri), track_uri)
+        with make_reporter(config) as reporter:
             record, path = run_experiment(config, reporter, resume=resume)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
@@ -136,11 +148,14 @@ def compare(
     margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
     strict: bool = typer.Option(False, "--strict", help="exit 4 unless both criteria pass"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
+    track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
 ) -> None:
     """Run every optimizer x seed on one workload (reusing finished runs) and report the comparison."""
     from optbench.compare import plan_runs, run_comparison
     from optbench.config import preset_seeds
     from optbench.console import RichReporter, console, show_report
+    from optbench.tracking import check_trackers, reporter_factory
 
     from optbench.optimizers import select
 
@@ -156,8 +171,9 @@ def compare(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
             depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
             results_dir=results))
-        records = run_comparison(configs, rerun, lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=quiet),
-                                 lambda text: console.print(text, soft_wrap=True))
+        make_reporter = reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=quiet),
+                                         check_trackers(track, track_uri), track_uri)
+        records = run_comparison(configs, rerun, make_reporter, lambda text: console.print(text, soft_wrap=True))
         from optbench.report import build_report  # pandas: only once the runs are done, not before the first step
 
         report = build_report(records, Path(results), margin=margin / 100, expected_optimizers=names)

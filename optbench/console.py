@@ -58,6 +58,9 @@ class RichReporter:
             self._progress.update(self._task, completed=steps_done_in_epoch, loss=f"{loss:.4f}",
                                   speed=f"{images_per_s:,.0f} img/s")
 
+    def log_point(self, step: int, values: dict[str, Any]) -> None:
+        """Loss, lr, throughput and diagnostics at a log point: for trackers; the bar shows progress()."""
+
     def epoch_end(self, row: dict[str, Any]) -> None:
         if not self.quiet:
             console.print(f"{self.label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}  "

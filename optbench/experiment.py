@@ -18,6 +18,7 @@ from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
 from optbench.checkpoints import (CheckpointError, acquire_run_lock, capture_rng, checkpoint_path,
                                   load_checkpoint, restore_rng, save_checkpoint)
 from optbench.data import ImageData, holdout_validation, load_dataset, steps_per_epoch
+from optbench.diagnostics import StepDiagnostics
 from optbench.errors import ConfigError, DeviceError, OptbenchError
 from optbench.interrupt import StopOnSignal
 from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
@@ -88,6 +89,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 class _SilentReporter:
     def epoch_start(self, epoch, epochs, steps): pass
     def progress(self, steps_done_in_epoch, loss, images_per_s): pass
+    def log_point(self, step, values): pass
     def epoch_end(self, row): pass
     def phase(self, text): pass
     def warn(self, text): pass
@@ -133,15 +135,28 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
         raise RunBusy(f"{config.optimizer} seed {config.seed} ({config.config_hash}) is being run by another "
                       f"process in {config.results_dir}: wait for it or use another --results-dir")
     with lock:
+        _tell(reporter, "run_start", config)  # trackers open their run with the resolved config
         try:
-            return _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start)
+            record, path = _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start)
+            _tell(reporter, "run_end", record, path)
+            return record, path
         except torch.OutOfMemoryError as exc:
             # Out of memory before training started (data, model, FLOP count or memory probe): this
             # run ends as `oom` with a record, like one that runs out during training.
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            return _setup_failure(config, "oom", f"out of memory during set-up at batch size {config.batch_size}: "
-                                  f"{str(exc).splitlines()[0]}", device, started_at, wall_start)
+            record, path = _setup_failure(config, "oom", f"out of memory during set-up at batch size "
+                                          f"{config.batch_size}: {str(exc).splitlines()[0]}", device, started_at,
+                                          wall_start)
+            _tell(reporter, "run_end", record, path)
+            return record, path
+
+
+def _tell(reporter: Any, event: str, *args: Any) -> None:
+    """Run-level events only trackers need (optbench/tracking.py); reporters without them ignore them."""
+    handler = getattr(reporter, event, None)
+    if handler is not None:
+        handler(*args)
 
 
 def _setup_failure(config: RunConfig, status: str, detail: str, device: torch.device, started_at: str,
@@ -254,7 +269,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
                        augment=config.augment, precision=config.precision, log_every=config.log_every,
                        reporter=reporter, resume=progress, checkpoint=save, stop_requested=stop,
-                       eager_model=model if config.compile else None)
+                       eager_model=model if config.compile else None,
+                       diagnostics=StepDiagnostics(list(model.parameters()), optimizer, entry, reporter.warn))
     if device.type == "cuda":
         peaks = cuda_peaks(device)
         peak, peak_source, reserved = peaks["allocated"], "torch.cuda.max_memory_allocated (whole training)", \

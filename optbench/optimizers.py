@@ -151,6 +151,11 @@ class OptimizerEntry:
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hyperparameters with fixed options
     source: str = ""  # paper / library the defaults are cited from
     notes: str = ""  # what the harness does around it, for `optbench optimizers`
+    # Optimizer-specific diagnostics after a log-point step: name -> 0-dim tensor left on the device
+    # (optbench/diagnostics.py reads them with the loop's one device read). Cheap: one pass over state.
+    diagnostics: Callable[[Any], dict[str, torch.Tensor]] | None = None
+    # Values read -> {kind: warning text} for values that call for the user's attention.
+    diagnostics_advice: Callable[[dict[str, float]], dict[str, str]] | None = None
 
     def defaults(self) -> dict[str, Any]:
         """The hyperparameter defaults from optimizers/NAME.yaml (a fresh copy)."""
@@ -302,6 +307,64 @@ def _sophia_force_hessian_next(optimizer) -> None:
         group["step"] = -(-group["step"] // optimizer.update_period) * optimizer.update_period
 
 
+SOPHIA_WIN_RATE_RANGE = (0.1, 0.5)  # the Sophia authors' healthy share of unclipped coordinates
+
+
+def _sophia_diagnostics(optimizer) -> dict[str, torch.Tensor]:
+    """Share of coordinates whose last update was clipped, and the Hessian estimate SophiaH used.
+
+    SophiaH's update is clamp(momentum / max(hessian_moment, eps), -p, p) * lr (pytorch-optimizer 4.1,
+    both its for-loop and foreach paths); after step() the state holds exactly the momentum and Hessian
+    moving average that step used, so the clipped share is recomputed from the state. p plays the role
+    of the authors' rho (SophiaG clips |m| / (rho * h) at 1): a coordinate is unclipped when
+    |m| < p * max(h, eps). The "win rate" the authors watch is the unclipped share.
+    """
+    import torch
+
+    with torch.no_grad():
+        return _sophia_diagnostics_values(optimizer)
+
+
+def _sophia_diagnostics_values(optimizer):
+    import torch
+
+    clipped = torch.zeros((), dtype=torch.float64)
+    count, h_sum, h_min = 0, torch.zeros((), dtype=torch.float64), None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "momentum" not in state:
+                continue
+            momentum, moment = state["momentum"], state["hessian_moment"]
+            ratio = momentum / moment.clamp(min=group["eps"])
+            clipped = clipped.to(p.device) + (ratio.abs() >= group["p"]).sum()
+            h_sum = h_sum.to(p.device) + moment.sum(dtype=torch.float64)
+            low = moment.min()
+            h_min = low if h_min is None else torch.minimum(h_min, low)
+            count += moment.numel()
+    if count == 0:
+        return {}
+    clipped_fraction = clipped / count
+    return {"sophia_clipped_fraction": clipped_fraction, "sophia_win_rate": 1 - clipped_fraction,
+            "sophia_hessian_mean": h_sum / count, "sophia_hessian_min": h_min}
+
+
+def _sophia_advice(values: dict[str, float]) -> dict[str, str]:
+    win = values.get("sophia_win_rate")
+    low, high = SOPHIA_WIN_RATE_RANGE
+    if win is None or low <= win <= high:
+        return {}
+    if win < low:
+        advice = ("most coordinates take the full clipped step lr*p (a sign-momentum step): the authors' advice is "
+                  "to raise rho (SophiaH's p) and lower lr so that lr*p, the largest step, stays the same; if the "
+                  "loss also grows, check lr first")
+    else:
+        advice = ("few coordinates are clipped, so steps follow the noisy Hessian estimate: lower p (the authors' rho) "
+                  "or check that lr is not too small")
+    return {"sophia_win_rate": f"Sophia's unclipped share of coordinates (win rate) is {win:.2f}, outside the "
+                               f"{low}-{high} its authors call healthy: {advice}"}
+
+
 # --- Schedule-Free AdamW ---------------------------------------------------------------------------
 
 
@@ -320,6 +383,36 @@ def _build_schedulefree(groups, hp, ctx: BuildContext) -> Built:
 def _schedulefree_lr(optimizer) -> float:
     # AdamWScheduleFree keeps the base lr in "lr" and the warmed-up one it used in "scheduled_lr".
     return float(optimizer.param_groups[0].get("scheduled_lr", optimizer.param_groups[0]["lr"]))
+
+
+def _schedulefree_diagnostics(optimizer) -> dict[str, torch.Tensor]:
+    """L2 distance between the averaged weights x (what is evaluated) and the training weights y.
+
+    In train mode the parameters hold y, and eval() sets x = y + (1 - 1/beta1) * (z - y) (schedulefree
+    1.4), so ||x - y|| = (1/beta1 - 1) * ||z - y||, computed without swapping the weights.
+    """
+    import torch
+
+    with torch.no_grad():
+        return _schedulefree_diagnostics_values(optimizer)
+
+
+def _schedulefree_diagnostics_values(optimizer):
+    import torch
+
+    square, norm_y = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for group in optimizer.param_groups:
+        if not group.get("train_mode", False):
+            return {}
+        scale = 1.0 / group["betas"][0] - 1.0
+        for p in group["params"]:
+            z = optimizer.state.get(p, {}).get("z")
+            if z is None:
+                continue
+            square = square.to(p.device) + (scale * torch.linalg.vector_norm(z - p)).double().square()
+            norm_y = norm_y.to(p.device) + torch.linalg.vector_norm(p).double().square()
+    distance = square.sqrt()
+    return {"schedulefree_x_y_distance": distance, "schedulefree_x_y_relative": distance / norm_y.sqrt().clamp(min=1e-30)}
 
 
 def _schedulefree_train(optimizer) -> None:
@@ -410,6 +503,7 @@ register(OptimizerEntry(
     group_params=_one_group(StateLayout(("momentum", "hessian_moment", "hessian"))),
     hessian_due=_sophia_hessian_due, force_hessian_next=_sophia_force_hessian_next,
     hessian_estimates=_sophia_estimates, hessian_estimate=_sophia_hessian_estimate,
+    diagnostics=_sophia_diagnostics, diagnostics_advice=_sophia_advice,
     extra_hparams=frozenset({"hessian_batch"}), choices={"hessian_distribution": ("rademacher", "gaussian")},
     source="Liu et al. 2024 (SophiaH variant); course exercise 3",
     notes="warmup + cosine; Hessian steps (every update_period) backprop with create_graph and math attention, "
@@ -418,6 +512,7 @@ register(OptimizerEntry(
     "schedulefree", "Schedule-Free AdamW", "#9467bd", "schedulefree", _build_schedulefree,
     external_schedule=False, group_params=_one_group(StateLayout(("z", "exp_avg_sq"))),
     train_mode=_schedulefree_train, eval_mode=_schedulefree_eval, bn_warmup=True, current_lr=_schedulefree_lr,
+    diagnostics=_schedulefree_diagnostics,
     source="Defazio et al. 2024; course exercise 4",
     notes="no external schedule (built-in warmup); optimizer.train()/eval() around training and evaluation; "
           "BatchNorm statistics recomputed at the averaged weights before evaluating"))

@@ -6,6 +6,8 @@ Schedule-Free's train/eval modes); the loop itself names no optimizer.
 
 The loop never reads a number back from the device per step: the running loss and the first
 non-finite step are kept on the device and read every `log_every` steps and at the end of an epoch.
+Optimizer diagnostics (optbench/diagnostics.py) are measured on the step that ends at such a log
+point only and read there, with the same read.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from optbench.data import ImageData, train_batches
+from optbench.diagnostics import StepDiagnostics
 from optbench.measure import Stopwatch
 from optbench.optimizers import OptimizerEntry
 
@@ -28,6 +31,7 @@ from optbench.optimizers import OptimizerEntry
 class Reporter(Protocol):
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
     def progress(self, steps_done_in_epoch: int, loss: float, images_per_s: float) -> None: ...
+    def log_point(self, step: int, values: dict[str, Any]) -> None: ...
     def epoch_end(self, row: dict[str, Any]) -> None: ...
 
 
@@ -61,8 +65,10 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: OptimizerEntry,
-                  x: torch.Tensor, y: torch.Tensor, amp, hessian: bool) -> torch.Tensor:
+                  x: torch.Tensor, y: torch.Tensor, amp, hessian: bool,
+                  diagnostics: StepDiagnostics | None = None) -> torch.Tensor:
     """One optimizer step; returns the detached loss. `hessian`: this step feeds a Hessian estimate.
+    `diagnostics`: measure this step (gradients before `step()`, the change it made after).
 
     The estimate is either the entry's own (e.g. on a sub-batch, made before this step's forward so the
     two graphs never coexist) or, when the entry gives none, the optimizer's, from this backward's graph.
@@ -76,7 +82,11 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entr
         # create_graph=True warns about a param<->grad reference cycle; zero_grad(set_to_none) breaks it.
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         loss.backward(create_graph=second_order)
+    if diagnostics is not None:
+        diagnostics.before_step()
     optimizer.step(**({} if estimate is None else {"hessian": estimate}))
+    if diagnostics is not None:
+        diagnostics.after_step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
@@ -104,13 +114,14 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
           reporter: Reporter, resume: TrainResult | None = None,
           checkpoint: Callable[[TrainResult], None] | None = None,
           stop_requested: Callable[[], bool] = lambda: False,
-          eager_model: torch.nn.Module | None = None) -> TrainResult:
+          eager_model: torch.nn.Module | None = None, diagnostics: StepDiagnostics | None = None) -> TrainResult:
     """Train for `epochs` (continuing from `resume`), evaluating after each epoch.
 
     `checkpoint(result)` is called after each epoch's evaluation (Schedule-Free then in eval mode) and
     when a stop is requested; `stop_requested()` is polled once per step (a Python flag, no device sync).
     `eager_model`: the uncompiled module when `model` is torch.compile'd; Hessian steps use it, since
-    compiled graphs cannot be differentiated twice.
+    compiled graphs cannot be differentiated twice. `diagnostics`: measured on log-point steps, sent
+    to `reporter.log_point` and averaged per epoch into the history row's "diagnostics".
     """
     device = data.train_x.device
     amp = autocast_for(device, precision)
@@ -137,7 +148,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
             for x, y in train_batches(data, batch_size, seed, epoch, augment, start_step=result.step_in_epoch):
                 hessian = entry.hessian_due(optimizer)
                 step_model = eager_model if hessian and eager_model is not None else model
-                loss = training_step(step_model, optimizer, entry, x, y, amp, hessian)
+                ends_at_log_point = (epoch_steps + 1) % log_every == 0 or epoch_steps + 1 == steps_per_epoch
+                loss = training_step(step_model, optimizer, entry, x, y, amp, hessian,
+                                     diagnostics if ends_at_log_point else None)
                 if scheduler is not None:
                     scheduler.step()
                 steps_dev += 1
@@ -156,8 +169,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                         result.detail = f"non-finite loss at step {bad}"
                         break
                     elapsed = train_clock.peek()
-                    reporter.progress(epoch_steps, loss_sum.item() / epoch_steps,
-                                      epoch_images / elapsed if elapsed > 0 else float("nan"))
+                    running_loss, images_per_s = loss_sum.item() / epoch_steps, \
+                        epoch_images / elapsed if elapsed > 0 else float("nan")
+                    reporter.progress(epoch_steps, running_loss, images_per_s)
+                    reporter.log_point(result.steps, {"loss": loss.item(), "running_loss": running_loss,
+                                                      "lr": entry.current_lr(optimizer), "images_per_s": images_per_s,
+                                                      **(diagnostics.read() if diagnostics is not None else {})})
                 if stop_requested():  # between steps: the state is consistent, so it can be saved
                     result.step_in_epoch, result.epoch_loss_sum = epoch_steps, loss_sum.item()
                     raise StopRequested
@@ -176,6 +193,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 "steps": result.steps,
                 "lr": entry.current_lr(optimizer),
             }
+            if diagnostics is not None:
+                row["diagnostics"] = diagnostics.epoch_summary()
             result.history.append(row)
             result.epochs_done, result.step_in_epoch, result.epoch_loss_sum = epoch, 0, 0.0
             if not math.isfinite(test_loss):
