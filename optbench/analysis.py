@@ -385,3 +385,39 @@ def missing_runs(records: list[dict[str, Any]], expected_optimizers: list[str] |
             out.append(f"{rec['optimizer']} seed {rec['config'].get('seed')}: {rec['status']}"
                        + (f" ({detail})" if detail else ""))
     return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def update_size_per_lr(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Optimizer -> its step size per unit lr: the median over epochs of the history's diagnostics
+    `update_rms` (RMS parameter change / lr at log points), averaged over finished seeds. Records
+    without diagnostics are left out."""
+    per_opt: dict[str, list[float]] = {}
+    for rec in records:
+        if rec.get("status") != "ok":
+            continue
+        values = _finite([(row.get("diagnostics") or {}).get("update_rms") for row in rec.get("history") or []
+                          if isinstance(row, dict)])
+        if values:
+            per_opt.setdefault(rec["optimizer"], []).append(_median(values))
+    return {name: mean(per_opt[name]) for name in optimizer_order(list(per_opt))}
+
+
+def update_size_notes(records: list[dict[str, Any]]) -> list[str]:
+    """Each optimizer's update RMS per unit lr against the baseline's: how many times further it moves
+    the weights than the baseline would at the same lr (why an lr copied from AdamW can explode Lion)."""
+    sizes = update_size_per_lr(records)
+    if not sizes:
+        return []
+    base = sizes.get(BASELINE)
+    parts = []
+    for name, size in sizes.items():
+        ratio = f" = {size / base:.1f}x {BASELINE}'s" if base and name != BASELINE else ""
+        parts.append(f"{name} {size:.3g}{ratio}")
+    return ["update RMS per unit lr (median over epochs, mean over seeds; at the same lr an optimizer moves the "
+            "weights that many times as far as the baseline): " + "; ".join(parts)]

@@ -257,6 +257,8 @@ def report(
     out: Optional[Path] = typer.Option(None, help="where to write tables and figures (default RESULTS_DIR)"),
     margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
     strict: bool = typer.Option(False, "--strict", help="exit 4 unless both criteria pass"),
+    diagnostics: bool = typer.Option(False, "--diagnostics", help="also plot the optimizer diagnostics recorded "
+                                     "in the runs (gradient norm, update size, Sophia's clipping, ...)"),
 ) -> None:
     """Redraw the comparison table, criteria and figures from existing run records, without training."""
     from optbench.console import console, show_report
@@ -268,7 +270,7 @@ def report(
         for problem in loaded.problems:
             console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
         report = build_report(loaded.records, out or results_dir, workload=workload, margin=margin / 100,
-                              problems=loaded.problems)
+                              problems=loaded.problems, diagnostics=diagnostics)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     show_report(report)

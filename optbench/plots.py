@@ -179,3 +179,48 @@ def lr_sensitivity(lines: dict[str, dict[Any, list[tuple[float, float]]]], chose
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def diagnostics_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """One panel per optimizer diagnostic in the records' history (epoch means of log-point values):
+    every optimizer's mean over seeds, log scale where values span decades (grad norm, update RMS)."""
+    groups = _by_optimizer(records)
+    keys: list[str] = []
+    for runs in groups.values():
+        for rec in runs:
+            for row in rec["history"]:
+                for key in (row.get("diagnostics") or {}):
+                    if key != "log_points" and key not in keys:
+                        keys.append(key)
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for opt, runs in groups.items():
+            series = [[(row["epoch"], (row.get("diagnostics") or {}).get(key)) for row in r["history"]] for r in runs]
+            points: dict[int, list[float]] = {}
+            for run in series:
+                for epoch, value in run:
+                    if isinstance(value, (int, float)) and np.isfinite(value):
+                        points.setdefault(epoch, []).append(value)
+            if points:
+                epochs = sorted(points)
+                ax.plot(epochs, [np.mean(points[e]) for e in epochs], "-o", markersize=3, color=COLORS.get(opt),
+                        label=title_of(opt))
+        ax.set_title(key.replace("_", " "), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if key in ("grad_norm", "update_rms"):
+            ax.set_yscale("log")
+        if key == "sophia_win_rate":  # the authors' healthy band
+            ax.axhspan(0.1, 0.5, color="green", alpha=0.1)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(f"{title}: optimizer diagnostics (epoch means of log points)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

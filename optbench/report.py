@@ -9,7 +9,8 @@ from typing import Any
 import pandas as pd
 
 from optbench.analysis import (DEFAULT_MARGIN, Verdict, accuracy_criterion, memory_criterion, missing_runs,
-                               select_workload, summary_table, time_to_target, workload_id, workload_label)
+                               select_workload, summary_table, time_to_target, update_size_notes, workload_id,
+                               workload_label)
 from optbench.errors import RecordError
 from optbench.render import display_table, markdown_report, write_tables
 
@@ -33,8 +34,10 @@ class Report:
 
 def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: str | None = None,
                  margin: float = DEFAULT_MARGIN, expected_optimizers: list[str] | None = None,
-                 problems: list[str] | None = None, plots: bool = True) -> Report:
-    """Analyse one workload's records; with `out_dir`, also write CSV, Markdown and PNG files there."""
+                 problems: list[str] | None = None, plots: bool = True, diagnostics: bool = False) -> Report:
+    """Analyse one workload's records; with `out_dir`, also write CSV, Markdown and PNG files there.
+    `diagnostics`: also each optimizer's update size per unit lr against the baseline's (a note) and a
+    figure of the optimizer diagnostics recorded in the runs' history."""
     selection = select_workload(records, workload)
     wid = workload_id(selection.workload)
     title = f"optbench comparison: {workload_label(selection.workload)}"
@@ -44,11 +47,13 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
     sources = sorted({str(s) for s in table.get("peak_source", pd.Series(dtype=object)).dropna()})
     notes = list(problems or []) + selection.notes + missing_runs(selection.records, expected_optimizers)
     notes.append(_implementations(selection.records))
+    if diagnostics:
+        notes += update_size_notes(selection.records) or ["no optimizer diagnostics in these records"]
     display = display_table(table)
     report = Report(title, wid, table, display, ttt, verdicts, sources, notes)
     if out_dir is not None:
         try:
-            _write_files(report, selection.records, out_dir, title, plots)
+            _write_files(report, selection.records, out_dir, title, plots, diagnostics)
         except OSError as exc:
             raise RecordError(f"cannot write the report files to {out_dir} ({exc.strerror or exc}): "
                               "choose a writable folder with --out") from None
@@ -62,7 +67,8 @@ def _implementations(records: list[dict[str, Any]]) -> str:
     return "implementations (they move time and memory): " + ("; ".join(paths) if paths else "not recorded")
 
 
-def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, title: str, plots: bool) -> None:
+def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, title: str, plots: bool,
+                 diagnostics: bool = False) -> None:
     """CSV (raw numbers), Markdown (the rendered report) and PNG figures, named by workload id."""
     stem = f"comparison-{report.workload_id}"
     markdown = markdown_report(title, report.display, report.sources, report.time_to_target, report.verdicts,
@@ -73,5 +79,11 @@ def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, t
 
         for path in (learning_curves(records, out_dir / f"{stem}-curves.png", title),
                      memory_chart(records, out_dir / f"{stem}-memory.png", title)):
+            if path is not None:
+                report.files.append(path)
+        if diagnostics:
+            from optbench.plots import diagnostics_curves
+
+            path = diagnostics_curves(records, out_dir / f"{stem}-diagnostics.png", title)
             if path is not None:
                 report.files.append(path)

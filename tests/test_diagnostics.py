@@ -187,3 +187,38 @@ def test_record_history_carries_diagnostics_and_loads(matched_runs):
             diag = row["diagnostics"]
             assert {"grad_norm", "update_rms", "log_points"} | extra <= set(diag), (name, diag)
             assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in diag.values())
+
+
+# --- report --diagnostics ------------------------------------------------------------------------------
+
+
+def _hand_record(optimizer, seed, update_rms):
+    return {"optimizer": optimizer, "status": "ok", "config": {"seed": seed},
+            "history": [{"epoch": i + 1, "diagnostics": {"update_rms": v}} for i, v in enumerate(update_rms)]}
+
+
+def test_update_size_against_the_baseline_from_hand_written_records():
+    from optbench.analysis import update_size_notes, update_size_per_lr
+
+    records = [_hand_record("adamw", 0, [0.1, 0.2, 0.3]), _hand_record("adamw", 1, [0.2, 0.2, 0.2]),
+               _hand_record("lion", 0, [1.0, 0.99, 1.0, 1.0]),
+               {**_hand_record("sophia", 0, [5.0]), "status": "diverged"}]  # not finished: left out
+    assert update_size_per_lr(records) == pytest.approx({"adamw": 0.2, "lion": 1.0})
+    [note] = update_size_notes(records)
+    assert "lion 1 = 5.0x adamw's" in note and "sophia" not in note
+    assert update_size_notes([_hand_record("adamw", 0, [])]) == []
+
+
+def test_report_diagnostics_draws_the_figure_and_names_the_update_ratio(matched_runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from optbench.cli import app
+
+    results = matched_runs["adamw"].path.parent
+    out = CliRunner().invoke(app, ["report", str(results), "--out", str(tmp_path), "--diagnostics"])
+    assert out.exit_code == 0, out.output
+    figures = list(tmp_path.glob("comparison-*-diagnostics.png"))
+    assert len(figures) == 1 and figures[0].stat().st_size > 10_000
+    assert "update RMS per unit lr" in out.output and "x adamw's" in out.output
+    plain = CliRunner().invoke(app, ["report", str(results), "--out", str(tmp_path / "plain")])
+    assert "update RMS per unit lr" not in plain.output and not list((tmp_path / "plain").glob("*diagnostics*"))
