@@ -7,6 +7,7 @@ memory, 4 a criterion failed under --strict, 130 interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -216,10 +217,13 @@ def tune(
                                                           "results/PRESET)"),
     margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    track: list[str] = typer.Option([], "--track", help=TRACK_HELP + "; trials and final runs alike"),
+    track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
 ) -> None:
     """Tune every optimizer with the same budget on a validation split, then compare on fresh seeds."""
     from optbench.config import preset_seeds
     from optbench.console import RichReporter, console, show_tuning
+    from optbench.tracking import check_trackers, reporter_factory
     from optbench.tune import make_plan, run_tune
     from optbench.tune_report import build_tuning_report
 
@@ -234,12 +238,15 @@ def tune(
     try:
         if not 0 <= seed < 2**31:
             fail("--seed must be a whole number in [0, 2**31)")
+        trackers = check_trackers(track, track_uri)  # a missing extra fails before the study is made
         plan = make_plan(preset, names, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
             depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
             results_dir=results), space, trials, seed, validation, storage, heartbeat)
+        plan = dataclasses.replace(plan, track=tuple(trackers), track_uri=track_uri)
         outcome = run_tune(plan, workers, final_seeds,
-                           lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=True),
+                           reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=True), trackers,
+                                            track_uri),
                            lambda text: console.print(text, soft_wrap=True), quiet=quiet,
                            preferred_seeds=preset_seeds(preset))
         if outcome.interrupted:

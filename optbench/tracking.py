@@ -48,7 +48,10 @@ def experiment_name(config: Any) -> str:
 
 
 def run_name(config: Any) -> str:
-    return f"{config.optimizer}-seed{config.seed}"
+    """`OPTIMIZER-seedN`; a tuning trial (scored on a validation split) adds its config hash, since the
+    trials of one optimizer share a seed."""
+    trial = f"-trial-{config.config_hash}" if getattr(config, "validation_fraction", 0) else ""
+    return f"{config.optimizer}-seed{config.seed}{trial}"
 
 
 def check_trackers(names: list[str], uri: str | None = None) -> list[str]:

@@ -162,6 +162,8 @@ class TunePlan:
     storage: str
     heartbeat_s: int
     studies: tuple[StudySpec, ...]
+    track: tuple[str, ...] = ()  # --track: trackers every trial and final run also logs to
+    track_uri: str | None = None
 
     @property
     def results_dir(self) -> Path:
@@ -327,7 +329,8 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _run_trial_run(config: RunConfig, data, say: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
+def _run_trial_run(config: RunConfig, data, say: Callable[[str], None], track: tuple[str, ...] = (),
+                   track_uri: str | None = None) -> tuple[dict[str, Any], Path]:
     """The trial's run: its finished record if there is one, else the run (resumed from its checkpoint).
     If another live process holds the run (a worker that missed its heartbeats), wait for its record."""
     from optbench.experiment import RunBusy, run_experiment
@@ -338,7 +341,14 @@ def _run_trial_run(config: RunConfig, data, say: Callable[[str], None]) -> tuple
         if existing is not None:
             return existing, Path(existing["_path"])
         try:
-            return run_experiment(config, None, data=data, resume=True)
+            if not track:
+                return run_experiment(config, None, data=data, resume=True)
+            from optbench.console import RichReporter
+            from optbench.tracking import reporter_factory
+
+            with reporter_factory(lambda c: RichReporter(c.optimizer, quiet=True), list(track), track_uri)(config) \
+                    as reporter:
+                return run_experiment(config, reporter, data=data, resume=True)
         except RunBusy:
             say(f"{config.optimizer} {config.config_hash}: held by another live process; waiting for it")
             time.sleep(2)
@@ -389,7 +399,7 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
             if key not in datasets:
                 datasets[key] = load_dataset(*key)
             started = time.perf_counter()
-            record, path = _run_trial_run(config, datasets[key], say)
+            record, path = _run_trial_run(config, datasets[key], say, plan.track, plan.track_uri)
             trial.set_user_attr("record", str(path))
             trial.set_user_attr("status", record["status"])
             if record["status"] == "interrupted":

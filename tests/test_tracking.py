@@ -233,3 +233,20 @@ def test_disk_full_mid_run_warns_once_and_the_record_is_unchanged(tmp_path, monk
     assert a["status"] == "ok" and a["epochs_completed"] == 2
     assert a["final_weights_sha256"] == b["final_weights_sha256"]
     assert a["final_test_acc"] == b["final_test_acc"]
+
+
+def test_tune_tracks_its_trials_and_final_runs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results = tmp_path / "results"
+    out = runner.invoke(app, ["tune", *ARGS, "--epochs", "1", "--optimizers", "adamw", "--trials", "2",
+                              "--final-seeds", "1", "--results-dir", str(results), "--quiet", "--track", "tensorboard"])
+    assert out.exit_code == 0, out.output
+    trials = sorted((results / "tune" / "trials" / "tb" / "optbench-synthetic-smoke").iterdir())
+    assert len(trials) == 2 and all(t.name.startswith("adamw-seed1000-trial-") for t in trials), trials
+    finals = list(results.glob("**/tb/optbench-synthetic-smoke/adamw-seed0"))
+    assert finals, list(results.rglob("tb"))
+    for logdir in [*trials, *finals]:
+        events = EventAccumulator(str(logdir))
+        events.Reload()
+        assert "epoch/test_acc" in events.Tags()["scalars"], logdir
