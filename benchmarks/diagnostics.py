@@ -27,7 +27,6 @@ import time
 
 import torch
 
-from optbench.config import optimizer_defaults
 from optbench.data import SPECS
 from optbench.diagnostics import StepDiagnostics
 from optbench.models import build_model
@@ -75,8 +74,8 @@ def bench(name: str, depth: int, batch: int, pairs: int, log_every: int) -> dict
     spec = SPECS["cifar10"]
     entry = get_entry(name)
     model = build_model("vit_tiny_patch16_224", spec, 0, depth=depth)
-    hp = {k: v for k, v in optimizer_defaults(name).items() if k not in ("title", "color", "search_space")}
-    opt = entry.build(model.parameters(), hp, BuildContext("cpu", total_steps=10_000, warmup_steps=10)).optimizer
+    hp = entry.defaults()
+    opt = entry.make(model, hp, BuildContext("cpu", total_steps=10_000, warmup_steps=10)).optimizer
     entry.train_mode(opt)
     model.train()
     gen = torch.Generator().manual_seed(0)

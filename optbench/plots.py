@@ -207,7 +207,7 @@ def diagnostics_curves(records: list[dict[str, Any]], path: Path, title: str) ->
                         points.setdefault(epoch, []).append(value)
             if points:
                 epochs = sorted(points)
-                ax.plot(epochs, [np.mean(points[e]) for e in epochs], "-o", markersize=3, color=COLORS.get(opt),
+                ax.plot(epochs, [np.mean(points[e]) for e in epochs], "-o", markersize=3, color=color_of(opt),
                         label=title_of(opt))
         ax.set_title(key.replace("_", " "), fontsize=10)
         ax.set_xlabel("epoch")

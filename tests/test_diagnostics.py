@@ -39,7 +39,7 @@ def built(name, data, hparams=None, seed=0):
     hp = {**entry.defaults(), **(hparams or {})}
     for key in ("title", "color", "search_space"):
         hp.pop(key, None)
-    opt = entry.build(model.parameters(), hp, BuildContext("cpu", total_steps=100, warmup_steps=3)).optimizer
+    opt = entry.make(model, hp, BuildContext("cpu", total_steps=100, warmup_steps=3)).optimizer
     return model, opt, entry
 
 
