@@ -24,6 +24,7 @@ folder) named `optbench-DATASET-PRESET`, and each run is named `OPTIMIZER-seedN`
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 import json
 import math
 import os
@@ -109,7 +110,7 @@ def _memory_now(device: str) -> dict[str, float]:
     return {"memory/process_peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}
 
 
-class _Tracker:
+class _Tracker(ABC):
     """One tracking backend for one run. Subclasses implement `open`, `metrics`, `finish`."""
 
     name = ""
@@ -141,14 +142,17 @@ class _Tracker:
         self.finish(record_summary(record), record, path)
 
     # backend --------------------------------------------------------------------------------------
+    @abstractmethod
     def open(self, config: Any, params: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Start the tracker's run with the resolved config as its hyperparameters."""
 
+    @abstractmethod
     def metrics(self, values: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+        """Log numbers at a training step."""
 
+    @abstractmethod
     def finish(self, summary: dict[str, Any], record: dict[str, Any], path: Path | None) -> None:
-        raise NotImplementedError
+        """Log the record's summary and the record file itself."""
 
     def close(self) -> None:
         """Release files and processes; called once, also after a failure."""
