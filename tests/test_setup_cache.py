@@ -24,6 +24,7 @@ class WarningsSeen:
     def warn(self, text): self.warnings.append(text)
     def epoch_start(self, *a): pass
     def progress(self, *a): pass
+    def log_point(self, *a): pass
     def epoch_end(self, *a): pass
     def phase(self, *a): pass
 
