@@ -257,9 +257,16 @@ def tune(
     show_tuning(report)
 
 
+def _local_time(timestamp: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
 @app.command()
 def report(
-    results_dir: Path = typer.Argument(..., help="folder of run records (from this or another machine)"),
+    results_dir: Optional[Path] = typer.Argument(None, help="folder of run records (from this or another machine; "
+                                                 "default: the folder under ./results holding the newest record)"),
     workload: Optional[str] = typer.Option(None, help="workload id, when the folder holds several"),
     out: Optional[Path] = typer.Option(None, help="where to write tables and figures (default RESULTS_DIR)"),
     margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
@@ -269,10 +276,16 @@ def report(
 ) -> None:
     """Redraw the comparison table, criteria and figures from existing run records, without training."""
     from optbench.console import console, show_report
-    from optbench.records import load_records
+    from optbench.records import latest_results_dir, load_records
     from optbench.report import build_report
 
     try:
+        if results_dir is None:
+            latest = latest_results_dir()
+            results_dir = latest.directory
+            console.print(f"report: no folder given; reading {results_dir}, the folder under ./results with the "
+                          f"newest run record ({latest.newest_record.name}, written "
+                          f"{_local_time(latest.written_at)})", soft_wrap=True)
         loaded = load_records(results_dir)
         for problem in loaded.problems:
             console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
@@ -316,13 +329,50 @@ def toy(
     stdout.print("written: " + ", ".join(str(p) for p in files), soft_wrap=True)
 
 
+def memory_workload(preset: str, model: str | None, batch_size: int | None, image_size: int | None,
+                    num_classes: int | None, patch_size: int | None, depth: int | None) -> dict[str, Any]:
+    """`optbench memory`'s question with the preset's defaults filled in (as `compare` takes its workload
+    from a preset): without --model, the preset's model at its dataset's image size, channels and classes,
+    and its depth and patch size; without --batch-size, the preset's batch size. "said" names the choice."""
+    from optbench.data import SPECS
+    from optbench.settings import load_preset
+
+    settings = load_preset(preset)
+    out: dict[str, Any] = {"model": model, "batch_size": batch_size, "image_size": image_size,
+                           "num_classes": num_classes or 1000, "patch_size": patch_size, "depth": depth, "in_chans": 3}
+    said = []
+    if model is None:
+        data = SPECS.get(settings.get("dataset"))
+        out["model"] = settings.get("model", "vit_tiny_patch16_224")
+        out["depth"] = depth if depth is not None else settings.get("depth")
+        out["patch_size"] = patch_size or settings.get("patch_size") or (data.patch_size if data else None)
+        if data is not None:
+            out["image_size"] = image_size or data.image_size
+            out["num_classes"] = num_classes or data.num_classes
+            out["in_chans"] = data.channels
+        said.append(f"the {preset} preset's model {out['model']}"
+                    + (f" (depth {out['depth']})" if out["depth"] else "")
+                    + (f" on {data.title}: {out['image_size']} px, {out['in_chans']} channel(s), "
+                       f"{out['num_classes']} classes" if data else ""))
+    if batch_size is None:
+        out["batch_size"] = settings.get("batch_size", 128)
+        said.append(f"the {preset} preset's batch size {out['batch_size']}")
+    out["said"] = "measuring " + " and ".join(said)
+    return out
+
+
 @app.command()
 def memory(
-    model: str = typer.Option(..., help="timm ViT name, e.g. vit_tiny_patch16_224 ... vit_large_patch16_224"),
-    batch_size: int = typer.Option(..., help="training batch size"),
-    image_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the model's, 224)"),
+    preset: str = typer.Option("homework", help="without --model: measure this preset's workload (model, its "
+                               "dataset's image size, channels and classes, depth, batch size)"),
+    model: Optional[str] = typer.Option(None, help="timm ViT name, e.g. vit_tiny_patch16_224 ... vit_large_patch16_224 "
+                                        "(default: the preset's, at its dataset's image size and classes)"),
+    batch_size: Optional[int] = typer.Option(None, help="training batch size (default: the preset's)"),
+    image_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the preset's dataset's "
+                                             "without --model, else the model's, 224)"),
     patch_size: Optional[int] = typer.Option(None, help="patch size (default: keeps >= 8x8 patches; 32px -> 4)"),
-    num_classes: int = typer.Option(1000, help="classes of the head"),
+    num_classes: Optional[int] = typer.Option(None, help="classes of the head (default: the preset's dataset's "
+                                              "without --model, else 1000)"),
     depth: Optional[int] = typer.Option(None, help="override the ViT depth (default: the model's)"),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)"),
     method: str = typer.Option("auto", help="auto (cuda if present, else estimate), cuda, tracked or estimate"),
@@ -332,18 +382,25 @@ def memory(
 ) -> None:
     """Where a training step's memory goes per optimizer, and when Lion saves 30% against AdamW."""
     from rich.console import Console
+    from rich.markup import escape
 
     from optbench.console import console
     from optbench.memory import check_json_path, measure_memory, resolve_spec, write_json
     from optbench.optimizers import select
     from optbench.render import render_memory_report
 
+    measured = f"{model} at batch size {batch_size}"
     try:
         if json_path is not None:
             check_json_path(json_path)
-        spec = resolve_spec(model, batch_size, image_size=image_size, precision=precision, method=method,
-                            adamw_impl=adamw_impl, optimizers=select(optimizers),
-                            num_classes=num_classes, patch_size=patch_size, depth=depth)
+        workload = memory_workload(preset, model, batch_size, image_size, num_classes, patch_size, depth)
+        measured = f"{workload['model']} at batch size {workload['batch_size']}"
+        if model is None or batch_size is None:
+            console.print(f"[dim]memory: {escape(workload.pop('said'))} (--model, --batch-size, ... change it)[/dim]",
+                          soft_wrap=True)
+        workload.pop("said", None)
+        spec = resolve_spec(**workload, precision=precision, method=method, adamw_impl=adamw_impl,
+                            optimizers=select(optimizers))
         result = measure_memory(spec, progress=lambda text: console.print(f"[dim]{text}[/dim]", soft_wrap=True))
         if json_path is not None:
             write_json(result, json_path)
@@ -352,7 +409,7 @@ def memory(
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(exc, MemoryError) and "memory" not in str(exc).lower():
             raise
-        fail(f"out of memory measuring {model} at batch size {batch_size} with --method {method}: "
+        fail(f"out of memory measuring {measured} with --method {method}: "
              "use --method estimate (allocates nothing) or a smaller --batch-size")
     render_memory_report(result, Console(highlight=False))
     if json_path is not None:

@@ -87,7 +87,8 @@ def _create_model(spec: MemorySpec, device: str | torch.device) -> torch.nn.Modu
 
 def resolve_spec(model: str, batch_size: int, image_size: int | None = None, precision: str = "fp32",
                  method: str = "auto", adamw_impl: str = "foreach", optimizers: list[str] | None = None,
-                 num_classes: int = 1000, patch_size: int | None = None, depth: int | None = None) -> MemorySpec:
+                 num_classes: int = 1000, patch_size: int | None = None, depth: int | None = None,
+                 in_chans: int = 3) -> MemorySpec:
     """Validate a memory question; raises ConfigError / DeviceError with one actionable line.
 
     `method="auto"` is "cuda" when a GPU is present, else "estimate" (a CPU-tracked run of a large model
@@ -129,7 +130,7 @@ def resolve_spec(model: str, batch_size: int, image_size: int | None = None, pre
             names.append(name)
     spec = MemorySpec(model=model, batch_size=batch_size, image_size=size, patch_size=patch,
                       num_classes=num_classes, precision=precision, method=method, adamw_impl=adamw_impl,
-                      optimizers=tuple(names), depth=depth)
+                      optimizers=tuple(names), depth=depth, in_chans=in_chans)
     probe = _create_model(spec, "meta")
     patches = getattr(getattr(probe, "patch_embed", None), "num_patches", None)
     tokens = (patches or 0) + int(getattr(probe, "num_prefix_tokens", 0))

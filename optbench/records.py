@@ -173,6 +173,42 @@ def load_records(results_dir: str | Path) -> LoadedRecords:
     return LoadedRecords(records, problems)
 
 
+DEFAULT_RESULTS_ROOT = Path("results")  # `run`, `compare` and `tune` write to results/PRESET by default
+
+
+@dataclass
+class LatestResults:
+    directory: Path
+    newest_record: Path  # the run record whose write made this folder the latest
+    written_at: float  # its modification time (seconds since the epoch)
+
+
+def latest_results_dir(root: str | Path = DEFAULT_RESULTS_ROOT) -> LatestResults:
+    """The results folder `report` reads when given none: of `root` itself and the folders directly in it
+    (results/smoke, results/homework, ...), the one holding the most recently written run record
+    (newest file modification time of a readable record). Raises RecordError when there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise RecordError(f"no results folder {root}/ here: pass the folder of run records "
+                          "(e.g. optbench report results/smoke), or run `optbench compare` first")
+    candidates = []
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        for path in folder.glob("[!.]*.json"):  # dot files are records still being written
+            try:
+                candidates.append((path.stat().st_mtime, path))
+            except OSError:
+                continue
+    for mtime, path in sorted(candidates, reverse=True):  # the newest file that is really a run record
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if _check(record, path) is None:
+            return LatestResults(path.parent, path, mtime)
+    raise RecordError(f"no run records in {root}/ or its folders: pass the folder of run records, "
+                      "or run `optbench compare` first")
+
+
 def finished_runs(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Config hash -> the newest record of a completed (ok or diverged) run, read in one pass."""
     directory = Path(results_dir)
