@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 
 from optbench.errors import OptbenchError
-from optbench.optimizers import BASELINE, COURSE_SET, MEMORY_CHALLENGER, optimizer_names
+from optbench.models import model_label, model_title
+from optbench.optimizers import BASELINE, COURSE_SET, MEMORY_CHALLENGER, REGISTRY, optimizer_names
 
 MEMORY_TARGET = 0.30  # the course: "Lion must save >= 30% VRAM vs AdamW"
 DEFAULT_MARGIN = 0.01  # accuracy non-inferiority margin, as a fraction (1 percentage point)
@@ -39,10 +40,27 @@ def workload_id(workload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(workload, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def workload_label(workload: dict[str, Any]) -> str:
-    parts = [f"{workload['dataset']}", f"{workload['model']}"]
-    if workload.get("depth"):
-        parts.append(f"depth {workload['depth']}")
+def model_facts_of(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The `model` block of the first record that has one (what was built: patch, image size, depth,
+    width), or None for records written before it existed."""
+    for rec in records:
+        if isinstance(rec.get("model"), dict):
+            return rec["model"]
+    return None
+
+
+def workload_label(workload: dict[str, Any], facts: dict[str, Any] | None = None) -> str:
+    """The workload in words; with a record's model facts, the model as it ran ("ViT-Tiny, patch 4 on
+    32 px, depth 4, width 192"), else what the config says of it."""
+    parts = [f"{workload['dataset']}"]
+    if facts:
+        parts.append(model_label(facts))
+    else:
+        parts.append(model_title(str(workload["model"])))
+        if workload.get("patch_size"):
+            parts.append(f"patch {workload['patch_size']}")
+        if workload.get("depth"):
+            parts.append(f"depth {workload['depth']}")
     parts.append(f"{workload['epochs']} epochs, batch {workload['batch_size']}")
     if workload.get("subset"):
         parts.append(f"subset {workload['subset']}")
@@ -182,6 +200,66 @@ def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     df["peak_saving"] = rel("peak_mean", lambda v, b: 1 - v / b if b else None)
     df["state_saving"] = rel("state_bytes", lambda v, b: 1 - v / b if b else None)
     return df
+
+
+# --- what ran ---------------------------------------------------------------------------------------
+
+
+def run_details(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per optimizer: its hyperparameters, seeds, library and version, code path, and the device
+    and versions the runs were made with (as the records say; several values are joined with '; ')."""
+    rows = []
+    by_opt: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        by_opt.setdefault(rec["optimizer"], []).append(rec)
+
+    def joined(values) -> str:
+        return "; ".join(sorted({str(v) for v in values if v is not None})) or "-"
+
+    for opt in optimizer_order(list(by_opt)):
+        runs = by_opt[opt]
+        envs = [r.get("environment") if isinstance(r.get("environment"), dict) else {} for r in runs]
+        packages = [e.get("packages") if isinstance(e.get("packages"), dict) else {} for e in envs]
+        library = REGISTRY[opt].library if opt in REGISTRY else None
+        impls = [r.get("optimizer_implementation") if isinstance(r.get("optimizer_implementation"), dict) else {}
+                 for r in runs]
+        rows.append({
+            "optimizer": opt,
+            "hparams": joined(json.dumps(r["config"].get("hparams", {}), sort_keys=True) for r in runs),
+            "seeds": ",".join(str(s) for s in sorted({r["config"].get("seed") for r in runs if
+                                                      r["config"].get("seed") is not None})),
+            "library": library or "-",
+            "library_version": joined(p.get(library) for p in packages) if library else "-",
+            "code_path": joined(i.get("code_path") for i in impls),
+            "device": joined(r["config"].get("device") for r in runs),
+            "device_name": joined(e.get("device_name") for e in envs),
+            "precision": joined(r["config"].get("precision") for r in runs),
+            "cpu_threads": joined(e.get("cpu_threads") for e in envs),
+            "python": joined(e.get("python") for e in envs),
+            "optbench": joined(e.get("optbench") for e in envs),
+            "torch": joined(p.get("torch") for p in packages),
+            "timm": joined(p.get("timm") for p in packages),
+        })
+    return pd.DataFrame(rows)
+
+
+def state_notes(records: list[dict[str, Any]]) -> list[str]:
+    """Why each optimizer's state is the size it is (the registry entries' own notes), for the
+    optimizers in these records."""
+    names = optimizer_order(sorted({r["optimizer"] for r in records}))
+    return [REGISTRY[n].state_note for n in names if n in REGISTRY and REGISTRY[n].state_note]
+
+
+def course_warnings(records: list[dict[str, Any]]) -> list[str]:
+    """The course's common mistakes the runs' settings make, as each run was warned at its start
+    (the record's `warnings`), once per optimizer and text."""
+    out: list[str] = []
+    for rec in sorted(records, key=lambda r: optimizer_order(sorted({x["optimizer"] for x in records}))
+                      .index(r["optimizer"])):
+        for text in rec.get("warnings") or []:
+            if isinstance(text, str) and text not in out:
+                out.append(text)
+    return out
 
 
 # --- criteria --------------------------------------------------------------------------------------

@@ -155,6 +155,9 @@ def resolve_config(
     hparams = dict(entry.defaults())
     for key, value in (hparam_overrides or {}).items():
         if key not in hparams and key not in entry.extra_hparams:
+            reason = entry.refusal(key)
+            if reason:
+                raise ConfigError(f"{optimizer}: {reason}")
             allowed = sorted(set(hparams) | set(entry.extra_hparams))
             raise ConfigError(f"{optimizer} has no hyperparameter '{key}': choose from {', '.join(allowed)}")
         hparams[key] = value

@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from optbench.models import model_label
 from optbench.optimizers import title_of
 
 console = Console(stderr=True, highlight=False)
@@ -73,6 +74,7 @@ def run_summary(record: dict[str, Any], path: Any) -> str:
     lines = [
         f"{title_of(record['optimizer'])}: status {record['status']}"
         + (f" ({record['status_detail']})" if record["status_detail"] else ""),
+        *([f"  model {model_label(record['model'])}"] if isinstance(record.get("model"), dict) else []),
         f"  final test accuracy {acc:.2%}" if acc is not None else "  final test accuracy: none (run did not finish)",
         f"  training wall-time {record['train_wall_time_s']:.1f}s (evaluation {record['eval_wall_time_s']:.1f}s, "
         f"total {record['total_wall_time_s']:.1f}s), {record['steps']} steps, "
@@ -90,7 +92,7 @@ def show_report(report: Any) -> None:
     """Print a comparison report (optbench.report.Report) to stdout."""
     from rich.console import Console
 
-    from optbench.render import rich_table, ttt_display, verdict_text
+    from optbench.render import environment_line, rich_table, ttt_display, verdict_text
 
     out = Console(highlight=False)
     if not out.is_terminal:  # logs and pipes: wide enough that the table never folds
@@ -98,6 +100,13 @@ def show_report(report: Any) -> None:
     out.print(rich_table(report.display, report.title))
     for source in report.sources:
         out.print(f"[dim]peak memory source: {source}[/dim]")
+    details = getattr(report, "details", None)
+    if details is not None and not details.empty:
+        out.print(f"[dim]{environment_line(details)}[/dim]", soft_wrap=True)
+    for note in getattr(report, "state_notes", []):
+        out.print(f"[dim]optimizer state: {note}[/dim]", soft_wrap=True)
+    for warning in getattr(report, "warnings", []):
+        out.print(f"[yellow]course's common mistake:[/yellow] {warning}", soft_wrap=True)
     out.print()
     for verdict in report.verdicts:
         lines = verdict_text(verdict)

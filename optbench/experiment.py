@@ -17,14 +17,14 @@ from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
 from optbench.checkpoints import (CheckpointError, acquire_run_lock, capture_rng, checkpoint_path,
                                   load_checkpoint, restore_rng, save_checkpoint)
-from optbench.data import ImageData, holdout_validation, load_dataset, steps_per_epoch
+from optbench.data import SPECS, ImageData, holdout_validation, load_dataset, steps_per_epoch
 from optbench.diagnostics import StepDiagnostics
 from optbench.errors import ConfigError, DeviceError, OptbenchError
 from optbench.interrupt import StopOnSignal
 from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
                               training_flops_per_image)
-from optbench.models import build_model, param_count
-from optbench.optimizers import BuildContext, get_entry, library_versions
+from optbench.models import build_model, model_facts, param_count, resolve_patch_size
+from optbench.optimizers import BuildContext, RunSettings, get_entry, library_versions
 from optbench.setup_cache import cached, flops_key, probe_key
 from optbench.records import SCHEMA_VERSION, ensure_writable, utc_now, write_record
 from optbench.train import TrainResult, autocast_for, train, training_step
@@ -42,13 +42,15 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_runtime(config: RunConfig) -> RunConfig:
-    """Fix 'auto' device and precision to what will run (they are part of the run's identity)."""
+    """Fix 'auto' device, precision and patch size to what will run (they are part of the run's identity)."""
     device = resolve_device(config.device)
     precision = config.precision
     if precision == "auto":  # bf16 where the GPU has it natively (Ampere and later), else fp32
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) \
             else "fp32"
-    return with_runtime(config, device=device.type, precision=precision)
+    # The patch a run uses is part of what ran: the record and its hash say 4, not "auto" (null).
+    patch = resolve_patch_size(config.model, SPECS[config.dataset], config.patch_size)
+    return with_runtime(config, device=device.type, precision=precision, patch_size=patch)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -175,7 +177,8 @@ def _setup_failure(config: RunConfig, status: str, detail: str, device: torch.de
 
 
 def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start):
-    for text in entry.warnings(config.hparams):
+    warnings_given = entry.warnings(config.hparams, RunSettings(batch_size=config.batch_size))
+    for text in warnings_given:
         reporter.warn(text)
     ckpt_path = checkpoint_path(config.results_dir, config.config_hash)
     saved = load_checkpoint(ckpt_path, config.config_hash) if resume and ckpt_path.exists() else None
@@ -331,6 +334,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                     "validation_images": int(data.test_x.shape[0]) if validation else None,
                     "num_classes": data.spec.num_classes, "image_size": data.spec.image_size},
         "history": history,
+        "model": {"name": config.model, **model_facts(model, config.patch_size), "image_size": data.spec.image_size},
+        "warnings": warnings_given,  # the course's common mistakes this run's settings make (reports repeat them)
         "config": config.to_dict(),
         "environment": environment(device),
         "started_at": started_at,

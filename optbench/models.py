@@ -95,5 +95,25 @@ def model_facts(model, patch_size: int | None = None) -> dict[str, Any]:
     }
 
 
+def model_title(name: str) -> str:
+    """A timm ViT name as a person says it: vit_tiny_patch16_224 -> ViT-Tiny (other names as they are)."""
+    match = re.match(r"vit_([a-z]+?)_(?:patch|\d)", name)
+    return f"ViT-{match.group(1).capitalize()}" if match else name
+
+
+def model_label(facts: dict[str, Any]) -> str:
+    """What ran, for every title: "ViT-Tiny, patch 4 on 32 px, depth 4, width 192" (from a record's
+    `model` block; a part it lacks is left out rather than guessed)."""
+    parts = [model_title(str(facts.get("name", "model")))]
+    if facts.get("patch_size") and facts.get("image_size"):
+        parts.append(f"patch {facts['patch_size']} on {facts['image_size']} px")
+    elif facts.get("patch_size"):
+        parts.append(f"patch {facts['patch_size']}")
+    for key in ("depth", "width"):
+        if facts.get(key):
+            parts.append(f"{key} {facts[key]}")
+    return ", ".join(parts)
+
+
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -110,8 +110,19 @@ def _never(optimizer) -> bool:
     return False
 
 
-def _no_warnings(hparams: dict[str, Any]) -> list[str]:
+@dataclass(frozen=True)
+class RunSettings:
+    """What a common-mistake warning may depend on besides the optimizer's own hyperparameters."""
+
+    batch_size: int
+
+
+def _no_warnings(hparams: dict[str, Any], settings: RunSettings) -> list[str]:
     return []
+
+
+def _no_reason(key: str) -> str | None:
+    return None
 
 
 def _no_estimate(model, optimizer, x, y, amp) -> None:
@@ -140,8 +151,10 @@ class OptimizerEntry:
     hessian_due: Callable[[Any], bool] = _never
     # Makes the next step a Hessian step (memory probe only, on a throwaway copy).
     force_hessian_next: Callable[[Any], None] | None = None
-    # The course's common mistakes: hyperparameters -> warnings with the course's advice.
-    warnings: Callable[[dict[str, Any]], list[str]] = _no_warnings
+    # The course's common mistakes: (hyperparameters, run settings) -> warnings with the course's advice.
+    warnings: Callable[[dict[str, Any], RunSettings], list[str]] = _no_warnings
+    # A key the optimizer does not take -> why (e.g. Schedule-Free and a scheduler), or None: "unknown".
+    refusal: Callable[[str], str | None] = _no_reason
     current_lr: Callable[[Any], float] = _group_lr  # the lr the last step used
     # Hessian estimates the optimizer itself made (counted inside the library call), or None.
     hessian_estimates: Callable[[Any], int] | None = None
@@ -151,6 +164,8 @@ class OptimizerEntry:
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # hyperparameters with fixed options
     source: str = ""  # paper / library the defaults are cited from
     notes: str = ""  # what the harness does around it, for `optbench optimizers`
+    # Why its state is the size it is, shown wherever the state column is (reports, `optbench optimizers`).
+    state_note: str = ""
     # Optimizer-specific diagnostics after a log-point step: name -> 0-dim tensor left on the device
     # (optbench/diagnostics.py reads them with the loop's one device read). Cheap: one pass over state.
     diagnostics: Callable[[Any], dict[str, torch.Tensor]] | None = None
@@ -227,17 +242,29 @@ def _build_lion(groups, hp, ctx: BuildContext) -> Built:
     return Built(opt, {"class": "lion_pytorch.Lion", "code_path": "forloop", "decoupled_weight_decay": False})
 
 
-def _lion_warnings(hp: dict[str, Any]) -> list[str]:
+LION_MIN_BATCH = 64  # the lecture (seed 001): below batch 64 Lion does worse than AdamW
+LION_WD_FACTOR = 3  # the course: raise weight decay 3-10x over AdamW's
+
+
+def _lion_warnings(hp: dict[str, Any], settings: RunSettings) -> list[str]:
     out = []
     if hp["lr"] > 3e-4:
         out.append(
             f"Lion at lr {hp['lr']:g} is at AdamW's scale and tends to diverge (loss=nan): "
             "use a learning rate 3-10x smaller than AdamW's, 1e-4 to 3e-4."
         )
-    if hp["weight_decay"] < 0.1:
+    adamw_wd = get_entry(BASELINE).defaults()["weight_decay"]
+    if hp["weight_decay"] < LION_WD_FACTOR * adamw_wd:
         out.append(
-            f"Lion with weight decay {hp['weight_decay']:g} is usually worse: "
-            "use 3-10x AdamW's weight decay (e.g. 0.5 for AdamW's 0.05)."
+            f"Lion with weight decay {hp['weight_decay']:g} is usually worse: it is below {LION_WD_FACTOR}x AdamW's "
+            f"{adamw_wd:g}; the course's fix is to raise weight decay 3-10x over AdamW's "
+            f"({LION_WD_FACTOR * adamw_wd:g}-{10 * adamw_wd:g}, e.g. 0.5 for AdamW's 0.05)."
+        )
+    if settings.batch_size < LION_MIN_BATCH:
+        out.append(
+            f"Lion at batch size {settings.batch_size}: the lecture says that with small batches (below "
+            f"{LION_MIN_BATCH}) Lion does worse than AdamW, and its gain grows with the batch (Chen et al. 2023): "
+            f"compare at batch {LION_MIN_BATCH} or more before judging Lion's accuracy."
         )
     return out
 
@@ -291,6 +318,19 @@ def _sophia_hessian_estimate(model, optimizer, x, y, amp) -> list[torch.Tensor] 
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return hutchinson_diagonal(model, params, x[:n], y[:n], amp, optimizer.distribution)
+
+
+SOPHIA_MIN_UPDATE_PERIOD = 10  # the course's exercise 3 and the Sophia authors' k: a Hessian every 10 steps
+
+
+def _sophia_warnings(hp: dict[str, Any], settings: RunSettings) -> list[str]:
+    period = hp.get("update_period")
+    if isinstance(period, int) and period < SOPHIA_MIN_UPDATE_PERIOD:
+        return [f"Sophia with update_period {period} estimates the Hessian every {period} steps: each estimate is "
+                "a double backward (Hutchinson), which the course names as why Sophia is slow; its fix is to "
+                f"estimate the Hessian only every {SOPHIA_MIN_UPDATE_PERIOD} steps (update_period="
+                f"{SOPHIA_MIN_UPDATE_PERIOD}, the course's exercise 3 and the authors' k)."]
+    return []
 
 
 def _sophia_estimates(optimizer) -> int:
@@ -415,6 +455,15 @@ def _schedulefree_diagnostics_values(optimizer):
     return {"schedulefree_x_y_distance": distance, "schedulefree_x_y_relative": distance / norm_y.sqrt().clamp(min=1e-30)}
 
 
+def _schedulefree_refusal(key: str) -> str | None:
+    lowered = key.lower()
+    if any(word in lowered for word in ("sched", "cosine", "decay_steps", "lr_decay", "annealing")):
+        return (f"Schedule-Free takes no learning-rate schedule ('{key}'): the course lists 'Schedule-Free + cosine "
+                "schedule' as a conflict, fix: do NOT use an external scheduler. Its iterate averaging replaces "
+                "the schedule and its warmup is built in (the preset's warmup_steps); drop this option.")
+    return None
+
+
 def _schedulefree_train(optimizer) -> None:
     optimizer.train()
 
@@ -492,10 +541,12 @@ register(OptimizerEntry(
     "adamw", "AdamW", "#1f77b4", "torch", _build_adamw,
     group_params=_one_group(StateLayout(("exp_avg", "exp_avg_sq"), 1)),
     choices={"implementation": _ADAMW_IMPLEMENTATIONS},
+    state_note="AdamW keeps exp_avg and exp_avg_sq (2x the parameters) and a 4-byte step per tensor.",
     source="Loshchilov & Hutter 2019; course exercise 1",
     notes="warmup + cosine; fused on CUDA, for-loop on CPU (recorded)"))
 register(OptimizerEntry(
     "lion", "Lion", "#d62728", "lion-pytorch", _build_lion, warnings=_lion_warnings,
+    state_note="Lion keeps one buffer, the momentum exp_avg: 1x the parameters, half of AdamW's two.",
     group_params=_one_group(StateLayout(("exp_avg",))), source="Chen et al. 2023; course exercise 2",
     notes="warmup + cosine; decoupled_weight_decay=False (wd is not divided by lr)"))
 register(OptimizerEntry(
@@ -505,6 +556,12 @@ register(OptimizerEntry(
     hessian_estimates=_sophia_estimates, hessian_estimate=_sophia_hessian_estimate,
     diagnostics=_sophia_diagnostics, diagnostics_advice=_sophia_advice,
     extra_hparams=frozenset({"hessian_batch"}), choices={"hessian_distribution": ("rademacher", "gaussian")},
+    warnings=_sophia_warnings,
+    state_note="Sophia's state is 3x the parameters (1.5x AdamW's): pytorch-optimizer's SophiaH keeps momentum "
+               "(the EMA of gradients, m), hessian_moment (the EMA of Hessian-diagonal estimates, h) and a third "
+               "buffer, hessian: the latest raw Hutchinson estimate z*(Hz), allocated at the first estimate "
+               "(BaseOptimizer.zero_hessian) and kept between estimates, although the update only reads it on "
+               "estimate steps. Sophia's paper keeps only m and h (2x).",
     source="Liu et al. 2024 (SophiaH variant); course exercise 3",
     notes="warmup + cosine; Hessian steps (every update_period) backprop with create_graph and math attention, "
           "or with hessian_batch=N only an N-image estimate does"))
@@ -512,6 +569,8 @@ register(OptimizerEntry(
     "schedulefree", "Schedule-Free AdamW", "#9467bd", "schedulefree", _build_schedulefree,
     external_schedule=False, group_params=_one_group(StateLayout(("z", "exp_avg_sq"))),
     train_mode=_schedulefree_train, eval_mode=_schedulefree_eval, bn_warmup=True, current_lr=_schedulefree_lr,
+    refusal=_schedulefree_refusal,
+    state_note="Schedule-Free AdamW keeps z (the base sequence) and exp_avg_sq: 2x the parameters, as AdamW.",
     diagnostics=_schedulefree_diagnostics,
     source="Defazio et al. 2024; course exercise 4",
     notes="no external schedule (built-in warmup); optimizer.train()/eval() around training and evaluation; "
@@ -636,7 +695,7 @@ def describe_all() -> list[str]:
             "  defaults: " + ", ".join(f"{k}={v}" for k, v in defaults.items()),
             "  tuned: " + (", ".join(f"{k} in [{v.get('low')}, {v.get('high')}]" for k, v in space.items())
                            if space else "no search space"),
-            f"  state: {state}",
+            f"  state: {state}" + (f". {entry.state_note}" if entry.state_note else ""),
             "  parameter groups: " + "; ".join(f"{g['role']} ({g['params']:,} params)"
                                                 for g in built.implementation["param_groups"]),
             f"  harness: {entry.notes}",

@@ -93,17 +93,46 @@ def verdict_text(verdict: Verdict) -> list[str]:
     return [f"[{mark}] {verdict.name}: {verdict.summary}"] + [f"    {d}" for d in verdict.details]
 
 
+def details_display(details: pd.DataFrame) -> pd.DataFrame:
+    """What ran, per optimizer: hyperparameters, seeds, library and version, code path."""
+    rows = []
+    for _, r in details.iterrows():
+        rows.append({"optimizer": title_of(r.optimizer), "hyperparameters": r.hparams, "seeds": r.seeds,
+                     "library": f"{r.library} {r.library_version}", "code path": r.code_path})
+    return pd.DataFrame(rows)
+
+
+def environment_line(details: pd.DataFrame) -> str:
+    """Device and versions, once (joined with '; ' where runs differ)."""
+    if details.empty:
+        return ""
+
+    def one(col: str) -> str:
+        return "; ".join(sorted({str(v) for v in details[col] if v and v != "-"})) or "-"
+
+    return (f"Device: {one('device')} ({one('device_name')}), {one('precision')}, {one('cpu_threads')} CPU threads; "
+            f"optbench {one('optbench')}, Python {one('python')}, torch {one('torch')}, timm {one('timm')}")
+
+
 def markdown_report(title: str, display: pd.DataFrame, sources: list[str], ttt: pd.DataFrame,
-                    verdicts: list[Verdict], notes: list[str]) -> str:
+                    verdicts: list[Verdict], notes: list[str], details: pd.DataFrame | None = None,
+                    state_notes: list[str] | None = None, warnings: list[str] | None = None) -> str:
     parts = [f"# {title}", "", display.to_markdown(index=False), ""]
     if sources:
         parts += ["Peak memory source: " + "; ".join(sources), ""]
+    if state_notes:
+        parts += ["Optimizer state:", ""] + [f"- {n}" for n in state_notes] + [""]
+    if warnings:
+        parts += ["## The course's common mistakes in these runs", ""] + [f"- {w}" for w in warnings] + [""]
     parts += ["## Criteria", ""]
     for verdict in verdicts:
         lines = verdict_text(verdict)
         parts += [f"- **{lines[0]}**"] + [f"  - {line.strip()}" for line in lines[1:]]
     if not ttt.empty:
         parts += ["", "## Time to AdamW's final accuracy", "", ttt_display(ttt).to_markdown(index=False)]
+    if details is not None and not details.empty:
+        parts += ["", "## What ran", "", details_display(details).to_markdown(index=False), "",
+                  environment_line(details)]
     if notes:
         parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"

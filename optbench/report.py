@@ -8,9 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from optbench.analysis import (DEFAULT_MARGIN, Verdict, accuracy_criterion, memory_criterion, missing_runs,
-                               select_workload, summary_table, time_to_target, update_size_notes, workload_id,
-                               workload_label)
+from optbench.analysis import (DEFAULT_MARGIN, Verdict, accuracy_criterion, course_warnings, memory_criterion,
+                               missing_runs, model_facts_of, run_details, select_workload, state_notes, summary_table,
+                               time_to_target, update_size_notes, workload_id, workload_label)
 from optbench.errors import RecordError
 from optbench.render import display_table, markdown_report, write_tables
 
@@ -26,6 +26,9 @@ class Report:
     sources: list[str]
     notes: list[str]
     files: list[Path] = field(default_factory=list)
+    details: pd.DataFrame = field(default_factory=pd.DataFrame)  # what ran: hyperparameters, seeds, versions
+    state_notes: list[str] = field(default_factory=list)  # why each optimizer's state is its size (registry)
+    warnings: list[str] = field(default_factory=list)  # the course's common mistakes these runs make
 
     @property
     def all_passed(self) -> bool:
@@ -40,7 +43,7 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
     figure of the optimizer diagnostics recorded in the runs' history."""
     selection = select_workload(records, workload)
     wid = workload_id(selection.workload)
-    title = f"optbench comparison: {workload_label(selection.workload)}"
+    title = f"optbench comparison: {workload_label(selection.workload, model_facts_of(selection.records))}"
     table = summary_table(selection.records)
     ttt = time_to_target(selection.records)
     verdicts = [memory_criterion(selection.records), accuracy_criterion(selection.records, margin)]
@@ -50,7 +53,8 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
     if diagnostics:
         notes += update_size_notes(selection.records) or ["no optimizer diagnostics in these records"]
     display = display_table(table)
-    report = Report(title, wid, table, display, ttt, verdicts, sources, notes)
+    report = Report(title, wid, table, display, ttt, verdicts, sources, notes, details=run_details(selection.records),
+                    state_notes=state_notes(selection.records), warnings=course_warnings(selection.records))
     if out_dir is not None:
         try:
             _write_files(report, selection.records, out_dir, title, plots, diagnostics)
@@ -72,8 +76,13 @@ def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, t
     """CSV (raw numbers), Markdown (the rendered report) and PNG figures, named by workload id."""
     stem = f"comparison-{report.workload_id}"
     markdown = markdown_report(title, report.display, report.sources, report.time_to_target, report.verdicts,
-                               report.notes)
-    report.files += write_tables(out_dir, stem, report.table, markdown)
+                               report.notes, details=report.details, state_notes=report.state_notes,
+                               warnings=report.warnings)
+    # The CSV carries what ran beside the numbers: each optimizer's hyperparameters, seeds, device, versions.
+    csv = report.table.drop(columns=["seeds"], errors="ignore")
+    if not report.details.empty:
+        csv = csv.merge(report.details, on="optimizer", how="left")
+    report.files += write_tables(out_dir, stem, csv, markdown)
     if plots:
         from optbench.plots import learning_curves, memory_chart
 

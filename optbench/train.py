@@ -144,6 +144,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
             reporter.epoch_start(epoch, epochs, steps_per_epoch)
             loss_sum = torch.full((), result.epoch_loss_sum, device=device)
             epoch_steps, epoch_images = result.step_in_epoch, 0
+            step_lr = entry.current_lr(optimizer)
             train_clock.start()
             for x, y in train_batches(data, batch_size, seed, epoch, augment, start_step=result.step_in_epoch):
                 hessian = entry.hessian_due(optimizer)
@@ -151,6 +152,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 ends_at_log_point = (epoch_steps + 1) % log_every == 0 or epoch_steps + 1 == steps_per_epoch
                 loss = training_step(step_model, optimizer, entry, x, y, amp, hessian,
                                      diagnostics if ends_at_log_point else None)
+                if ends_at_log_point:  # the lr this step used: read before the schedule moves on to the next
+                    step_lr = entry.current_lr(optimizer)
                 if scheduler is not None:
                     scheduler.step()
                 steps_dev += 1
@@ -173,7 +176,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                         epoch_images / elapsed if elapsed > 0 else float("nan")
                     reporter.progress(epoch_steps, running_loss, images_per_s)
                     reporter.log_point(result.steps, {"loss": loss.item(), "running_loss": running_loss,
-                                                      "lr": entry.current_lr(optimizer), "images_per_s": images_per_s,
+                                                      "lr": step_lr, "images_per_s": images_per_s,
                                                       **(diagnostics.read() if diagnostics is not None else {})})
                 if stop_requested():  # between steps: the state is consistent, so it can be saved
                     result.step_in_epoch, result.epoch_loss_sum = epoch_steps, loss_sum.item()
@@ -191,7 +194,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 "test_acc": test_acc,
                 "train_time_s": train_clock.total,
                 "steps": result.steps,
-                "lr": entry.current_lr(optimizer),
+                "lr": step_lr,  # the lr of the epoch's last step
             }
             if diagnostics is not None:
                 row["diagnostics"] = diagnostics.epoch_summary()

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -194,3 +195,40 @@ def test_a_finished_record_stands_for_its_run_over_a_newer_interrupted_one():
     interrupted["finished_at"] = "2026-11-23T00:00:00Z"
     selection = select_workload([ok, interrupted])
     assert [r["status"] for r in selection.records] == ["ok"]
+
+
+def _with_what_ran(rec: dict) -> dict:
+    """A record with the blocks a run writes about what ran: the model built, the environment, warnings."""
+    rec = json.loads(json.dumps(rec))
+    rec["config"]["patch_size"] = 4
+    rec["model"] = {"name": "vit_tiny_patch16_224", "patch_size": 4, "tokens": 65, "depth": 12, "width": 192,
+                    "param_count": 5_000_000, "image_size": 32}
+    libraries = {"adamw": "torch", "lion": "lion-pytorch", "sophia": "pytorch-optimizer", "schedulefree": "schedulefree"}
+    rec["environment"] = {"optbench": "0.1.0", "python": "3.12.1", "device": "cuda", "device_name": "NVIDIA A100",
+                          "cpu_threads": 8, "packages": {"torch": "2.14.1", "timm": "1.0.31",
+                                                         libraries[rec["optimizer"]]: "9.9.9"}}
+    rec["optimizer_implementation"] = {"code_path": "fused" if rec["optimizer"] == "adamw" else "forloop"}
+    rec["config"]["hparams"] = {"lr": {"adamw": 1e-3, "lion": 1e-4, "sophia": 1e-2, "schedulefree": 1e-3}[rec["optimizer"]],
+                                "weight_decay": 0.05}
+    rec["warnings"] = (["Lion at batch size 32: the lecture says that with small batches (below 64) Lion does worse"]
+                       if rec["optimizer"] == "lion" else [])
+    return rec
+
+
+def test_title_markdown_and_csv_say_what_ran(tmp_path: Path):
+    """Model as it ran in the title; each optimizer's hyperparameters, seeds, library version, device and
+    versions in the Markdown and the CSV; Sophia's 3x state explained beside the state column; the
+    course's common mistakes the runs made, repeated in the report."""
+    records = [_with_what_ran(r) for r in four(0) + four(1)]
+    report = build_report(records, tmp_path, plots=False)
+    assert "ViT-Tiny, patch 4 on 32 px, depth 12, width 192" in report.title
+    markdown = next(p for p in report.files if p.suffix == ".md").read_text()
+    assert "ViT-Tiny, patch 4 on 32 px" in markdown.splitlines()[0]
+    assert '"lr": 0.0001' in markdown and "| 0,1 " in markdown  # Lion's hyperparameters and seeds
+    assert "lion-pytorch 9.9.9" in markdown and "NVIDIA A100" in markdown and "torch 2.14.1" in markdown
+    assert "hessian_moment" in markdown and "3x the parameters" in markdown
+    assert "Lion at batch size 32" in markdown
+    csv = pd.read_csv(next(p for p in report.files if p.suffix == ".csv")).set_index("optimizer")
+    assert json.loads(csv.loc["sophia", "hparams"]) == {"lr": 0.01, "weight_decay": 0.05}
+    assert str(csv.loc["lion", "seeds"]) == "0,1" and csv.loc["lion", "library_version"] == "9.9.9"
+    assert csv.loc["adamw", "device_name"] == "NVIDIA A100" and csv.loc["adamw", "timm"] == "1.0.31"

@@ -134,6 +134,21 @@ def test_lion_warnings_appear_and_the_run_writes_its_record(tmp_path):
     assert record["config"]["depth"] == 1 and record["config"]["dataset"] == "synthetic"
     assert "Lion: status ok" in result.output
     assert str(records[0]) in "".join(result.output.split())  # rich may break the path across lines
+    # The record keeps the warnings, so a report (e.g. the smoke report, batch 32) says them again.
+    assert "warning: Lion at batch size 16" in text and "below 64" in text
+    assert len(record["warnings"]) == 3 and any("batch size 16" in w for w in record["warnings"])
+    report = invoke("report", str(tmp_path))
+    assert report.exit_code == 0, report.output
+    assert "Lion at batch size 16" in " ".join(report.output.split())
+    assert "Lion at batch size 16" in next(tmp_path.glob("comparison-*.md")).read_text()
+
+
+def test_schedulefree_with_a_scheduler_is_refused_with_a_reason(tmp_path):
+    result = invoke("run", "-o", "schedulefree", "--opt", "scheduler=cosine", *TINY_ARGS,
+                    "--results-dir", str(tmp_path))
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "no learning-rate schedule" in text and "has no hyperparameter" not in text
 
 
 def test_course_default_lion_gives_no_warnings(tmp_path):

@@ -17,7 +17,7 @@ from optbench.data import SPECS, train_batches
 from optbench.errors import ConfigError
 from optbench.measure import optimizer_state_bytes
 from optbench.models import build_model
-from optbench.optimizers import BASELINE, COURSE_SET, REGISTRY, BuildContext, get_entry, title_of
+from optbench.optimizers import BASELINE, COURSE_SET, REGISTRY, BuildContext, RunSettings, get_entry, title_of
 from optbench.train import training_step
 
 CPU = BuildContext(device_type="cpu", total_steps=100, warmup_steps=5)
@@ -122,12 +122,57 @@ def test_lion_decoupled_weight_decay_true_would_not_shrink_by_lr_wd():
 
 def test_lion_warnings_for_adamw_scale_lr_and_tiny_weight_decay():
     warn = get_entry("lion").warnings
-    assert warn(hparams("lion")) == []
-    texts = warn(hparams("lion", lr=1e-3, weight_decay=0.01))
+    big = RunSettings(batch_size=128)
+    assert warn(hparams("lion"), big) == []
+    texts = warn(hparams("lion", lr=1e-3, weight_decay=0.01), big)
     assert len(texts) == 2
     assert "lr 0.001" in texts[0] and "diverge" in texts[0]
-    assert "weight decay 0.01" in texts[1]
-    assert get_entry("adamw").warnings(hparams("adamw", lr=1e-3, weight_decay=0.01)) == []
+    assert "weight decay 0.01" in texts[1] and "3-10x" in texts[1]
+    assert get_entry("adamw").warnings(hparams("adamw", lr=1e-3, weight_decay=0.01), big) == []
+
+
+def test_lion_weight_decay_below_three_times_adamws_is_warned_with_the_courses_fix():
+    """The course: raise Lion's weight decay 3-10x over AdamW's. AdamW's default is 0.05, so 0.1 (2x) is
+    a mistake the old absolute threshold (< 0.1) let through, and 0.15 (3x) is not."""
+    warn, big = get_entry("lion").warnings, RunSettings(batch_size=128)
+    adamw_wd = get_entry(BASELINE).defaults()["weight_decay"]
+    assert [t for t in warn(hparams("lion", weight_decay=2 * adamw_wd), big) if "weight decay" in t]
+    assert not [t for t in warn(hparams("lion", weight_decay=3 * adamw_wd), big) if "weight decay" in t]
+
+
+def test_lion_below_batch_64_is_warned_with_the_lectures_threshold():
+    warn = get_entry("lion").warnings
+    small = warn(hparams("lion"), RunSettings(batch_size=32))  # the smoke preset's batch
+    assert len(small) == 1 and "batch size 32" in small[0] and "below 64" in small[0]
+    assert warn(hparams("lion"), RunSettings(batch_size=64)) == []
+
+
+def test_sophia_hessian_estimated_more_often_than_every_10_steps_is_warned():
+    warn, settings = get_entry("sophia").warnings, RunSettings(batch_size=128)
+    assert warn(hparams("sophia"), settings) == []  # the default: every 10 steps
+    texts = warn(hparams("sophia", update_period=3), settings)
+    assert len(texts) == 1 and "update_period 3" in texts[0] and "every 10 steps" in texts[0]
+
+
+@pytest.mark.parametrize("key", ["scheduler", "lr_scheduler", "schedule", "cosine"])
+def test_schedulefree_with_a_scheduler_is_refused_with_the_courses_reason(key):
+    with pytest.raises(ConfigError) as caught:
+        resolve_config("schedulefree", "smoke", hparam_overrides={key: "cosine"})
+    assert "no learning-rate schedule" in str(caught.value) and "do NOT use an external scheduler" in str(caught.value)
+    with pytest.raises(ConfigError, match="has no hyperparameter"):  # other unknown keys: as before
+        resolve_config("schedulefree", "smoke", hparam_overrides={"momentum": 0.9})
+
+
+def test_sophia_state_note_names_the_third_buffer_the_library_really_keeps(synthetic_data):
+    """The note explains the measured 3x: SophiaH's state holds exactly momentum, hessian_moment and hessian."""
+    note = get_entry("sophia").state_note
+    model = build_model("vit_tiny_patch16_224", SPECS["synthetic"], seed=0, depth=1)
+    opt = get_entry("sophia").make(model, hparams("sophia"), CPU).optimizer
+    x, y = next(iter(train_batches(synthetic_data, 16, seed=0, epoch=1, augment=False)))
+    training_step(model, opt, get_entry("sophia"), x, y, torch.autocast("cpu", enabled=False), hessian=True)
+    keys = {k for state in opt.state.values() for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+    assert keys == {"momentum", "hessian_moment", "hessian"}
+    assert all(k in note for k in keys) and "3x" in note
 
 
 # --- SophiaH: weight decay scale and Hessian steps -------------------------------------------------

@@ -74,6 +74,16 @@ def test_second_seed_reuses_the_probe_byte_for_byte_and_says_from_where(tmp_path
     assert second["final_weights_sha256"] == fresh["final_weights_sha256"]
 
 
+def test_sophia_ends_with_the_same_weights_with_and_without_the_memory_probe(tmp_path):
+    """The probe replays Sophia's Hessian steps (Hutchinson draws from torch's global generator) on a copy:
+    it must leave every random stream as it found it, so the run trains the same with it or without."""
+    probed, _ = run_experiment(tiny_config("sophia", tmp_path / "a", epochs=1, memory_probe=True))
+    unprobed, _ = run_experiment(tiny_config("sophia", tmp_path / "b", epochs=1, memory_probe=False))
+    assert probed["memory_breakdown"] is not None and unprobed["memory_breakdown"] is None
+    assert probed["hessian_updates"] == unprobed["hessian_updates"] >= 1
+    assert probed["final_weights_sha256"] == unprobed["final_weights_sha256"]
+
+
 def test_changed_batch_size_is_measured_not_served_the_cached_probe(tmp_path):
     results = tmp_path / "results"
     big, _ = run_experiment(tiny_config("adamw", results, epochs=1))

@@ -15,7 +15,7 @@ import torch
 
 import optbench.train as train_module
 from optbench.data import SPECS
-from optbench.experiment import run_experiment
+from optbench.experiment import run_experiment, warmup_cosine
 from optbench.models import build_model
 from optbench.optimizers import BuildContext, get_entry
 from optbench.records import load_records
@@ -111,11 +111,13 @@ def test_schedulefree_run_gets_no_external_schedule(matched_runs):
     assert [row["lr"] for row in sf.record["history"]] == [lr] * TINY["epochs"]
     group = sf.optimizer.param_groups[0]
     assert group["lr"] == lr and group["warmup_steps"] == sf.record["warmup_steps"] == 3  # its own warmup
-    for name in ("adamw", "lion", "sophia"):  # the others follow warmup + cosine down to 0
+    for name in ("adamw", "lion", "sophia"):  # the others follow warmup + cosine towards 0
         rec = matched_runs[name].record
         assert rec["lr_schedule"].startswith("warmup+cosine")
         assert rec["history"][0]["lr"] < rec["config"]["hparams"]["lr"]
-        assert rec["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+        # the last step's lr (the schedule reaches 0 only after it): cosine at step total-1
+        last = warmup_cosine(rec["total_steps_planned"], rec["warmup_steps"])(rec["total_steps_planned"] - 1)
+        assert 0 < rec["history"][-1]["lr"] == pytest.approx(rec["config"]["hparams"]["lr"] * last, rel=1e-12)
 
 
 # --- matched training --------------------------------------------------------------------------------
@@ -206,6 +208,33 @@ def test_training_and_evaluation_time_are_booked_apart(matched_runs):
         assert rec["train_wall_time_s"] == times[-1]
         assert rec["eval_wall_time_s"] > 0
         assert rec["total_wall_time_s"] > rec["train_wall_time_s"] + rec["eval_wall_time_s"]
+
+
+def test_history_lr_is_the_lr_the_epochs_last_step_used(make_config, monkeypatch):
+    """Observed at the optimizer: the lr each real step() ran with. A warmup + cosine run's last step
+    uses a small positive lr and the schedule's next value is 0: history must hold the former."""
+    import optbench.experiment as experiment
+
+    used: list[float] = []
+    real_train = experiment.train
+
+    def observing_train(model, optimizer, *args, **kwargs):
+        optimizer.register_step_pre_hook(lambda opt, a, k: used.append(float(opt.param_groups[0]["lr"])))
+        return real_train(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", observing_train)
+    record, _ = run_experiment(make_config("adamw", memory_probe=False))
+    steps_per_epoch = record["steps"] // record["epochs_completed"]
+    assert len(used) == record["steps"] and used[-1] > 0
+    assert [row["lr"] for row in record["history"]] == [used[e * steps_per_epoch - 1]
+                                                        for e in range(1, record["epochs_completed"] + 1)]
+
+
+def test_record_says_what_model_ran_patch_image_size_depth_width(matched_runs):
+    rec = matched_runs["adamw"].record
+    assert rec["config"]["patch_size"] == 4  # resolved from the data (16 px -> 4), never null
+    assert rec["model"] == {"name": "vit_tiny_patch16_224", "patch_size": 4, "tokens": 17, "depth": 1, "width": 192,
+                            "param_count": rec["param_count"], "image_size": 16}
 
 
 # --- divergence --------------------------------------------------------------------------------------
