@@ -14,8 +14,11 @@ def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: d
               hparams: dict[str, dict[str, Any]] | None = None) -> list[RunConfig]:
     """One resolved config per (optimizer, seed): same workload, each optimizer's own hyperparameters
     (its defaults, or `hparams[optimizer]` over them: the settings `tune` chose)."""
-    return [resolve_runtime(resolve_config(opt, preset, {**overrides, "seed": seed}, (hparams or {}).get(opt)))
-            for seed in seeds for opt in optimizers]
+    configs = [resolve_runtime(resolve_config(opt, preset, {**overrides, "seed": seed}, (hparams or {}).get(opt)))
+               for seed in seeds for opt in optimizers]
+    # `--optimizers adamw,adamw` or `--seeds 0,0` name one run twice: it is one run, trained once, counted once.
+    unique = {(c.results_dir, c.config_hash): c for c in reversed(configs)}
+    return [c for c in configs if unique[(c.results_dir, c.config_hash)] is c]
 
 
 def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callable[[RunConfig], Any],
@@ -24,7 +27,9 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
 
     A run that was interrupted or killed has no finished record: it continues from its checkpoint, so
     a killed comparison resumes where it stopped; an out-of-memory run is tried again. A run another
-    live process holds is skipped. The dataset is loaded once and shared by all runs.
+    live process holds is skipped. The dataset is loaded once and shared by all runs. The records read
+    at the start only spare loading data for runs already done; whether a run is trained is decided
+    again under its lock (`claim_run`), so a run another process finished meanwhile is reused, not retrained.
     """
     records = []
     datasets: dict[tuple, ImageData] = {}
@@ -47,6 +52,10 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
                 record, path = run_experiment(config, reporter, data=datasets[key], resume=not rerun)
         except RunBusy as exc:
             announce(f"{label}: skipped, {exc}")
+            continue
+        if record.get("_reused"):  # another process finished it after the records above were read
+            announce(f"{label}: reusing {record['_path']} ({record['status']}), finished meanwhile by another process")
+            records.append(record)
             continue
         record["_path"] = str(path)
         announce(f"{label}: {record['status']}, test acc "

@@ -84,7 +84,8 @@ def run_summary(record: dict[str, Any], path: Any) -> str:
     ]
     if record.get("hessian_updates") is not None:
         lines.append(f"  Hessian estimates: {record['hessian_updates']} in {record['steps']} steps")
-    lines.append(f"  record: {path}")
+    lines.append(f"  record: {path}" + (" (this run had finished already: reusing its record, nothing trained)"
+                                        if record.get("_reused") else ""))
     return "\n".join(lines)
 
 

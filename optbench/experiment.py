@@ -7,7 +7,8 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from importlib import metadata
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ import torch
 
 from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
-from optbench.checkpoints import (CheckpointError, acquire_run_lock, capture_rng, checkpoint_path,
+from optbench.checkpoints import (CheckpointError, RunLock, acquire_run_lock, capture_rng, checkpoint_path,
                                   load_checkpoint, restore_rng, save_checkpoint)
 from optbench.data import SPECS, ImageData, holdout_validation, load_dataset, steps_per_epoch
 from optbench.diagnostics import StepDiagnostics
@@ -26,7 +27,7 @@ from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, r
 from optbench.models import build_model, model_facts, param_count, resolve_patch_size
 from optbench.optimizers import BuildContext, RunSettings, get_entry, library_versions
 from optbench.setup_cache import cached, flops_key, probe_key
-from optbench.records import SCHEMA_VERSION, ensure_writable, utc_now, write_record
+from optbench.records import SCHEMA_VERSION, ensure_writable, find_finished, utc_now, write_record
 from optbench.train import TrainResult, autocast_for, train, training_step
 
 PACKAGES = ("torchvision", "numpy", "scikit-learn", "optuna")  # besides torch, timm and the optimizers' libraries
@@ -118,13 +119,53 @@ def _build_optimizer(entry, model, hparams, context):
         raise ConfigError(f"{entry.name} rejected its hyperparameters {hparams}: {exc}") from None
 
 
+@dataclass
+class RunClaim:
+    """What claiming a run gave: the run's lock to train under, or (lock None) its finished record."""
+
+    lock: RunLock | None
+    finished: dict[str, Any] | None = None
+
+
+def claim_run(config: RunConfig, reuse_finished: bool = True) -> RunClaim:
+    """Claim one run for this process: take its lock, then look for a finished record again, under the lock.
+
+    The one place that decides "train it or not". A look before the lock is only a shortcut: another
+    process may finish the run between that look and the lock, so the look that counts is this one,
+    made while no other process can start or finish the run. With `reuse_finished` a finished record
+    (ok or diverged) is returned instead of the lock, and a checkpoint left beside it is removed (the
+    record is the result). Raises RunBusy if another live process holds the run.
+    """
+    lock = acquire_run_lock(config.results_dir, config.config_hash)
+    if lock is None:
+        raise RunBusy(f"{config.optimizer} seed {config.seed} ({config.config_hash}) is being run by another "
+                      f"process in {config.results_dir}: wait for it or use another --results-dir")
+    if not reuse_finished:
+        return RunClaim(lock)
+    try:
+        finished = find_finished(config.results_dir, config.config_hash)
+        if finished is not None:
+            leftover = checkpoint_path(config.results_dir, config.config_hash)
+            if leftover.exists():
+                leftover.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    if finished is None:
+        return RunClaim(lock)
+    lock.release()
+    finished["_reused"] = True
+    return RunClaim(None, finished)
+
+
 def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | None = None,
                    resume: bool = False) -> tuple[dict, Any]:
     """Train one run and write its record. Returns (record, record path).
 
-    `resume`: continue from this run's checkpoint if there is one (compare always does). `data` may be
-    passed to reuse a dataset already loaded; it is read, never modified. Raises RunBusy if another
-    process holds this run.
+    `resume`: continue from this run's checkpoint if there is one (compare always does), and if the run
+    has already finished, return its record without training (the record then has "_reused": True).
+    `data` may be passed to reuse a dataset already loaded; it is read, never modified. Raises RunBusy
+    if another process holds this run.
     """
     reporter = reporter or _SilentReporter()
     started_at, wall_start = utc_now(), time.perf_counter()
@@ -132,11 +173,11 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     device = torch.device(config.device)
     entry = get_entry(config.optimizer)
     ensure_writable(config.results_dir)  # fail now, not after hours of training
-    lock = acquire_run_lock(config.results_dir, config.config_hash)
-    if lock is None:
-        raise RunBusy(f"{config.optimizer} seed {config.seed} ({config.config_hash}) is being run by another "
-                      f"process in {config.results_dir}: wait for it or use another --results-dir")
-    with lock:
+    claim = claim_run(config, reuse_finished=resume)
+    if claim.finished is not None:
+        reporter.phase(f"this run has finished already: reusing {claim.finished['_path']} (nothing trained)")
+        return claim.finished, Path(claim.finished["_path"])
+    with claim.lock:
         _tell(reporter, "run_start", config)  # trackers open their run with the resolved config
         try:
             record, path = _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start)
