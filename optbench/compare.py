@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from statistics import mean
 from typing import Any, Callable
 
 from optbench.config import RunConfig, resolve_config
+from optbench.console import duration_text
 from optbench.data import ImageData, load_dataset
 from optbench.experiment import RunBusy, resolve_runtime, run_experiment
 from optbench.records import finished_runs
@@ -32,6 +35,7 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
     again under its lock (`claim_run`), so a run another process finished meanwhile is reused, not retrained.
     """
     records = []
+    trained_seconds: dict[str, list[float]] = {}  # optimizer -> wall-times of its runs trained here
     datasets: dict[tuple, ImageData] = {}
     finished: dict[str, dict[str, dict[str, Any]]] = {}  # results dir -> config hash -> record, read once
     for i, config in enumerate(configs, 1):
@@ -47,6 +51,7 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
         if key not in datasets:
             datasets[key] = load_dataset(config.dataset, config.data_dir, config.download, config.subset,
                                          config.test_subset)
+        started = time.perf_counter()
         try:
             with make_reporter(config) as reporter:
                 record, path = run_experiment(config, reporter, data=datasets[key], resume=not rerun)
@@ -57,11 +62,24 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
             announce(f"{label}: reusing {record['_path']} ({record['status']}), finished meanwhile by another process")
             records.append(record)
             continue
+        trained_seconds.setdefault(config.optimizer, []).append(time.perf_counter() - started)
         record["_path"] = str(path)
+        to_train = [c.optimizer for c in configs[i:]
+                    if rerun or c.config_hash not in finished.get(c.results_dir, {})]
+        left = remaining_seconds(trained_seconds, to_train)
         announce(f"{label}: {record['status']}, test acc "
                  + (f"{record['final_test_acc']:.2%}" if record["final_test_acc"] is not None else "-")
-                 + f", {record['train_wall_time_s']:.1f}s -> {path}")
+                 + f", {record['train_wall_time_s']:.1f}s -> {path}"
+                 + (f"; ETA {duration_text(left)} for the {len(to_train)} run(s) still to train" if to_train else ""))
         records.append(record)
         if record["status"] == "interrupted":
             break
     return records
+
+
+def remaining_seconds(trained_seconds: dict[str, list[float]], to_train: list[str]) -> float:
+    """Wall-time the runs still to train will take, from the runs trained so far: each at the mean time of
+    its own optimizer's runs (Sophia's Hessian steps make its runs longer), or of all runs if none of its
+    optimizer has run yet."""
+    overall = mean(t for times in trained_seconds.values() for t in times)
+    return sum(mean(trained_seconds[name]) if name in trained_seconds else overall for name in to_train)

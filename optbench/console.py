@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -17,19 +18,63 @@ def mib(value: int | float | None) -> str:
     return "-" if value is None else f"{value / 2**20:,.1f} MiB"
 
 
-class RichReporter:
-    """Live progress for one run: epoch bar with steps, running loss and throughput."""
+def duration_text(seconds: float) -> str:
+    """45s, 3m05s, 2h07m: an ETA needs no more precision than that."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
-    def __init__(self, label: str, quiet: bool = False):
+
+class RunEta:
+    """Time left in a run from its own measured pace: wall-time per step between the first log point this
+    process saw and the latest one (so the first interval's warm-up, lazy optimizer state and compilation
+    are left out, and evaluation is in once an epoch has ended), times the steps still planned."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.total_steps = 0
+        self._first: tuple[int, float] | None = None  # (steps done, time) at the first log point
+        self._last: tuple[int, float] | None = None
+
+    def plan(self, epochs: int, steps_per_epoch: int) -> None:
+        self.total_steps = epochs * steps_per_epoch
+
+    def mark(self, steps_done: int) -> None:
+        point = (steps_done, self.clock())
+        if self._first is None:
+            self._first = point
+        self._last = point
+
+    def seconds_left(self) -> float | None:
+        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
+            return None  # one log point measures no pace yet
+        per_step = (self._last[1] - self._first[1]) / (self._last[0] - self._first[0])
+        return per_step * max(0, self.total_steps - self._last[0])
+
+    def text(self) -> str:
+        left = self.seconds_left()
+        return "" if left is None else f"ETA {duration_text(left)}"
+
+
+class RichReporter:
+    """Live progress for one run: epoch bar with steps, running loss, throughput and the run's ETA."""
+
+    def __init__(self, label: str, quiet: bool = False, clock: Callable[[], float] = time.perf_counter):
         self.label, self.quiet = label, quiet
         self._progress: Progress | None = None
         self._task = None
+        self._eta = RunEta(clock)
+        self._epoch, self._steps_per_epoch = 1, 0
 
     def __enter__(self) -> "RichReporter":
         if not self.quiet:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+                TextColumn("{task.fields[eta]}"),
                 console=console, transient=True,
             )
             self._progress.__enter__()
@@ -47,26 +92,32 @@ class RichReporter:
         console.print(f"[yellow]warning:[/yellow] {text}", soft_wrap=True)  # shown even with --quiet
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self._epoch, self._steps_per_epoch = epoch, steps
+        self._eta.plan(epochs, steps)
         if self._progress is None:
             return
         if self._task is not None:
             self._progress.remove_task(self._task)
         self._task = self._progress.add_task(f"{self.label} epoch {epoch}/{epochs}", total=steps, loss="-",
-                                             speed="")
+                                             speed="", eta=self._eta.text())
 
     def progress(self, steps_done_in_epoch: int, loss: float, images_per_s: float) -> None:
+        self._eta.mark((self._epoch - 1) * self._steps_per_epoch + steps_done_in_epoch)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=steps_done_in_epoch, loss=f"{loss:.4f}",
-                                  speed=f"{images_per_s:,.0f} img/s")
+                                  speed=f"{images_per_s:,.0f} img/s", eta=self._eta.text())
 
     def log_point(self, step: int, values: dict[str, Any]) -> None:
         """Loss, lr, throughput and diagnostics at a log point: for trackers; the bar shows progress()."""
 
     def epoch_end(self, row: dict[str, Any]) -> None:
+        self._eta.mark(row["epoch"] * self._steps_per_epoch)  # the evaluation just done counts in the pace
         if not self.quiet:
+            left = self._eta.seconds_left()
+            eta = f"  ETA {duration_text(left)} for this run" if left else ""
             console.print(f"{self.label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}  "
                           f"test loss {row['test_loss']:.4f}  test acc {row['test_acc']:.2%}  "
-                          f"train time {row['train_time_s']:.1f}s", soft_wrap=True)
+                          f"train time {row['train_time_s']:.1f}s{eta}", soft_wrap=True)
 
 
 def run_summary(record: dict[str, Any], path: Any) -> str:

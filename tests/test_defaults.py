@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -81,3 +82,50 @@ def test_memory_with_a_model_keeps_that_models_own_size():
     result = runner.invoke(app, ["memory", "--model", "vit_nonexistent_patch16_224"])
     assert result.exit_code == 1 and "unknown timm model" in result.output
     assert "preset's model" not in result.output  # the model was given: no preset model announced
+
+
+# --- ETA --------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_eta_is_the_measured_pace_times_the_steps_left(monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    import optbench.console as console_module
+
+    out = StringIO()
+    monkeypatch.setattr(console_module, "console", Console(file=out, width=300))
+    clock = FakeClock()
+    reporter = console_module.RichReporter("adamw s0", clock=clock)
+    reporter.epoch_start(1, 3, 10)  # 30 steps planned
+    reporter.progress(5, 1.0, 100.0)  # the first log point: warm-up before it is not counted
+    clock.now += 10.0
+    reporter.progress(10, 1.0, 100.0)  # 5 steps in 10 s: 2 s per step
+    clock.now += 4.0  # evaluation
+    reporter.epoch_end({"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "test_acc": 0.5, "train_time_s": 12.0})
+    # 5 steps measured in 14 s (with the evaluation), 20 steps left: 56 s.
+    assert "ETA 56s for this run" in out.getvalue()
+    assert console_module.duration_text(3725) == "1h02m" and console_module.duration_text(185) == "3m05s"
+
+
+def test_compare_shows_each_runs_eta_and_the_comparisons(tmp_path):
+    from optbench.compare import remaining_seconds
+
+    assert remaining_seconds({"a": [10.0, 20.0], "b": [40.0]}, ["a", "b", "c"]) == 15.0 + 40.0 + 70.0 / 3
+    result = runner.invoke(app, ["compare", "--optimizers", "adamw,lion", "--dataset", "synthetic", "--depth", "1",
+                                 "--epochs", "3", "--subset", "64", "--test-subset", "20", "--batch-size", "16",
+                                 "--device", "cpu", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    # 4 steps an epoch, one log point each: the pace is measured from the second epoch's end on.
+    assert re.search(r"adamw s0 epoch 2: .* ETA \d+s for this run", result.output), result.output
+    assert re.search(r"\[1/2\] adamw seed 0: ok, .*; ETA \d+s for the 1 run\(s\) still to train", result.output)
+    assert not re.search(r"\[2/2\].*ETA", result.output)  # nothing left to train
