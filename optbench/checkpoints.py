@@ -1,7 +1,9 @@
 """Checkpoints (to resume a killed run) and run locks (so two processes never run the same run).
 
 A run's checkpoint lives at `RESULTS/checkpoints/<config hash>.pt` and holds what it needs to continue
-exactly: model, optimizer (Schedule-Free in eval mode, as its authors require), scheduler, progress
+exactly: model, optimizer (Schedule-Free in the mode training is in at that point: eval mode at an
+epoch's end, after its evaluation; train mode after a stop mid-epoch, since an eval()/train() round trip
+is not exact in floating point), scheduler, progress
 counters and history, the torch RNG states (Sophia's Hutchinson probes draw from them) and the position
 in the epoch (the batch order itself is a pure function of seed and epoch). Written to a temporary
 file and renamed; loaded with `weights_only=True`.

@@ -117,8 +117,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
           eager_model: torch.nn.Module | None = None, diagnostics: StepDiagnostics | None = None) -> TrainResult:
     """Train for `epochs` (continuing from `resume`), evaluating after each epoch.
 
-    `checkpoint(result)` is called after each epoch's evaluation (Schedule-Free then in eval mode) and
-    when a stop is requested; `stop_requested()` is polled once per step (a Python flag, no device sync).
+    `checkpoint(result)` is called after each epoch's evaluation (Schedule-Free then in eval mode, as the
+    next epoch starts from) and when a stop is requested (then in train mode, as the next step needs); `stop_requested()` is polled once per step (a Python flag, no device sync).
     `eager_model`: the uncompiled module when `model` is torch.compile'd; Hessian steps use it, since
     compiled graphs cannot be differentiated twice. `diagnostics`: measured on log-point steps, sent
     to `reporter.log_point` and averaged per epoch into the history row's "diagnostics".
@@ -212,7 +212,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
         close_books()
         result.status, result.detail = "interrupted", f"stopped on request after {result.steps} steps"
         if checkpoint is not None:
-            entry.eval_mode(optimizer)  # Schedule-Free's authors: save in eval mode
+            # Saved as training left it (Schedule-Free in train mode, holding y): an eval()/train() round
+            # trip is not exact in floating point, and the uninterrupted run makes none mid-epoch.
             checkpoint(result)
     except KeyboardInterrupt:
         # Raised mid-step: weights and counters may disagree, so no checkpoint; the last epoch's stays.
