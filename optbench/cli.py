@@ -16,16 +16,19 @@ from typing import Any, Optional
 import typer
 
 from optbench.errors import OptbenchError
+from optbench.models import DEFAULT_MODEL, model_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Benchmark AdamW, Lion, Sophia and Schedule-Free on ViT-Tiny, honestly measured.")
+                  help="Benchmark AdamW, Lion, Sophia, Schedule-Free and newer optimizers on ViT-Tiny "
+                       "(or ResNet-18), honestly measured.")
 
 EXIT_RUN_FAILED, EXIT_CRITERIA, EXIT_INTERRUPTED = 3, 4, 130
 
 
 @app.callback()
 def _root() -> None:
-    """Benchmark AdamW, Lion, Sophia and Schedule-Free on ViT-Tiny, honestly measured."""
+    """Benchmark AdamW, Lion, Sophia, Schedule-Free and newer optimizers on ViT-Tiny (or ResNet-18), honestly
+    measured."""
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -51,6 +54,8 @@ def parse_opt_args(items: list[str]) -> dict[str, Any]:
 
 TRACK_HELP = ("also log live to tensorboard, mlflow or wandb (repeatable; each needs its extra, "
               "e.g. pip install 'optbench[wandb]'; W&B runs offline unless WANDB_MODE=online)")
+MODEL_HELP = (f"the model: {' or '.join(model_names())} (aliases vit_tiny, resnet18), or any timm ViT name "
+              f"(default: the preset's, {DEFAULT_MODEL})")
 TRACK_URI_HELP = "MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)"
 
 
@@ -72,6 +77,7 @@ def run(
     seed: Optional[int] = typer.Option(None, help="seed for weights, batch order and augmentation"),
     subset: Optional[int] = typer.Option(None, help="train on a fixed class-balanced subset of N images"),
     test_subset: Optional[int] = typer.Option(None, help="evaluate on a fixed class-balanced subset"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     depth: Optional[int] = typer.Option(None, help="override the ViT depth (smaller = faster, not ViT-Tiny)"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16"),
@@ -85,7 +91,7 @@ def run(
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
 ) -> None:
-    """Train ViT-Tiny with one optimizer and write a run record."""
+    """Train a model (ViT-Tiny unless --model says otherwise) with one optimizer and write a run record."""
     from optbench.config import resolve_config
     from optbench.console import RichReporter, console, run_summary
     from optbench.experiment import resolve_runtime, run_experiment
@@ -99,7 +105,7 @@ def run(
     try:
         config = resolve_config(optimizer, preset, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, seed=seed, subset=subset,
-            test_subset=test_subset, depth=depth, device=device, precision=precision, compile=compile,
+            test_subset=test_subset, model=model, depth=depth, device=device, precision=precision, compile=compile,
             data_dir=data_dir, download=download, results_dir=results_dir or f"results/{preset}"), hparams)
         if dry_run:
             config = resolve_runtime(config)
@@ -139,7 +145,8 @@ def compare(
     batch_size: Optional[int] = typer.Option(None, help="override the preset's batch size"),
     subset: Optional[int] = typer.Option(None, help="train on a fixed class-balanced subset of N images"),
     test_subset: Optional[int] = typer.Option(None, help="evaluate on a fixed class-balanced subset"),
-    depth: Optional[int] = typer.Option(None, help="override the ViT depth"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    depth: Optional[int] = typer.Option(None, help="override the ViT depth (ViTs only)"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
     precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16"),
     data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets"),
@@ -170,7 +177,7 @@ def compare(
             fail("--margin must be in [0, 100) percentage points")
         configs = plan_runs(preset, names, seed_list, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
-            depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
+            model=model, depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
             results_dir=results))
         make_reporter = reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=quiet),
                                          check_trackers(track, track_uri), track_uri)
@@ -208,7 +215,8 @@ def tune(
     batch_size: Optional[int] = typer.Option(None, help="override the preset's batch size"),
     subset: Optional[int] = typer.Option(None, help="train on a fixed class-balanced subset of N images"),
     test_subset: Optional[int] = typer.Option(None, help="evaluate on a fixed class-balanced subset"),
-    depth: Optional[int] = typer.Option(None, help="override the ViT depth"),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    depth: Optional[int] = typer.Option(None, help="override the ViT depth (ViTs only)"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
     precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16"),
     data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets"),
@@ -241,7 +249,7 @@ def tune(
         trackers = check_trackers(track, track_uri)  # a missing extra fails before the study is made
         plan = make_plan(preset, names, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
-            depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
+            model=model, depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
             results_dir=results), space, trials, seed, validation, storage, heartbeat)
         plan = dataclasses.replace(plan, track=tuple(trackers), track_uri=track_uri)
         outcome = run_tune(plan, workers, final_seeds,
@@ -335,6 +343,7 @@ def memory_workload(preset: str, model: str | None, batch_size: int | None, imag
     from a preset): without --model, the preset's model at its dataset's image size, channels and classes,
     and its depth and patch size; without --batch-size, the preset's batch size. "said" names the choice."""
     from optbench.data import SPECS
+    from optbench.models import get_model
     from optbench.settings import load_preset
 
     settings = load_preset(preset)
@@ -343,9 +352,12 @@ def memory_workload(preset: str, model: str | None, batch_size: int | None, imag
     said = []
     if model is None:
         data = SPECS.get(settings.get("dataset"))
-        out["model"] = settings.get("model", "vit_tiny_patch16_224")
-        out["depth"] = depth if depth is not None else settings.get("depth")
-        out["patch_size"] = patch_size or settings.get("patch_size") or (data.patch_size if data else None)
+        entry = get_model(settings.get("model", DEFAULT_MODEL))
+        out["model"] = entry.name
+        # The preset's ViT knobs (and the dataset's preferred patch) only for a model that has them.
+        out["depth"] = depth if depth is not None else settings.get("depth") if entry.takes_depth else None
+        out["patch_size"] = patch_size or ((settings.get("patch_size") or (data.patch_size if data else None))
+                                           if entry.patched else None)
         if data is not None:
             out["image_size"] = image_size or data.image_size
             out["num_classes"] = num_classes or data.num_classes
@@ -365,12 +377,13 @@ def memory_workload(preset: str, model: str | None, batch_size: int | None, imag
 def memory(
     preset: str = typer.Option("homework", help="without --model: measure this preset's workload (model, its "
                                "dataset's image size, channels and classes, depth, batch size)"),
-    model: Optional[str] = typer.Option(None, help="timm ViT name, e.g. vit_tiny_patch16_224 ... vit_large_patch16_224 "
-                                        "(default: the preset's, at its dataset's image size and classes)"),
+    model: Optional[str] = typer.Option(None, help=f"the model: {' or '.join(model_names())}, or any timm ViT name "
+                                        "(vit_base_patch16_224, ...) (default: the preset's, at its dataset's image "
+                                        "size and classes)"),
     batch_size: Optional[int] = typer.Option(None, help="training batch size (default: the preset's)"),
     image_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the preset's dataset's "
-                                             "without --model, else the model's, 224)"),
-    patch_size: Optional[int] = typer.Option(None, help="patch size (default: keeps >= 8x8 patches; 32px -> 4)"),
+                                             "without --model, else the model's: 224 for timm ViTs, 32 for resnet18_cifar)"),
+    patch_size: Optional[int] = typer.Option(None, help="ViT patch size (default: keeps >= 8x8 patches; 32px -> 4)"),
     num_classes: Optional[int] = typer.Option(None, help="classes of the head (default: the preset's dataset's "
                                               "without --model, else 1000)"),
     depth: Optional[int] = typer.Option(None, help="override the ViT depth (default: the model's)"),

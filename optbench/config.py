@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from optbench.errors import ConfigError
+from optbench.models import DEFAULT_MODEL, check_size_options, get_model
 from optbench.optimizers import get_entry
 from optbench.settings import load_preset
 
@@ -35,9 +36,9 @@ class RunConfig:
     optimizer: str
     hparams: dict[str, Any]
     dataset: str = "cifar10"
-    model: str = "vit_tiny_patch16_224"
-    patch_size: int | None = None  # None: chosen from the dataset's image size
-    depth: int | None = None  # None: the timm model's own depth
+    model: str = DEFAULT_MODEL  # a name of the model registry (optbench/models.py)
+    patch_size: int | None = None  # None: chosen from the dataset's image size (ViTs only)
+    depth: int | None = None  # None: the model's own depth (ViTs only)
     epochs: int = 50
     batch_size: int = 128
     eval_batch_size: int = 512
@@ -189,6 +190,15 @@ def resolve_config(
     for name in ("model", "data_dir", "results_dir"):
         if name in settings and (not isinstance(settings[name], str) or not settings[name]):
             raise ConfigError(f"{name} must be a non-empty text, got {settings[name]!r}")
+    model = get_model(settings.get("model", DEFAULT_MODEL))  # ConfigError naming the choices
+    settings["model"] = model.name  # aliases (vit_tiny, resnet18) are stored by their registry name
+    asked = overrides or {}
+    check_size_options(model.name, asked.get("patch_size"), asked.get("depth"))
+    # A preset's ViT knobs (the smoke preset cuts depth to 4) mean nothing to a model without them.
+    if not model.patched:
+        settings["patch_size"] = None
+    if not model.takes_depth:
+        settings["depth"] = None
     return RunConfig(optimizer=optimizer, hparams=hparams, preset=preset, **settings)
 
 

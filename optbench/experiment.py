@@ -24,7 +24,7 @@ from optbench.errors import ConfigError, DeviceError, OptbenchError
 from optbench.interrupt import StopOnSignal
 from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
                               training_flops_per_image)
-from optbench.models import build_model, model_facts, param_count, resolve_patch_size
+from optbench.models import build_model, model_facts, model_title, param_count, resolve_patch_size
 from optbench.optimizers import BuildContext, RunSettings, get_entry, library_versions
 from optbench.setup_cache import cached, flops_key, probe_key
 from optbench.records import SCHEMA_VERSION, ensure_writable, find_finished, utc_now, write_record
@@ -107,7 +107,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return digest.hexdigest()
 
 
@@ -240,6 +240,10 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     context = BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup)
     built = _build_optimizer(entry, model, config.hparams, context)
     optimizer = built.optimizer
+    for group in built.implementation["param_groups"]:
+        if not group["tensors"]:  # e.g. Muon on a ResNet: its convolutions are 4-D, the head goes to AdamW
+            reporter.warn(f"{entry.title}: its parameter group '{group['role']}' holds no parameter of "
+                          f"{config.model}, so that part of the optimizer never runs")
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
                  if entry.external_schedule else None)
     amp = autocast_for(device, config.precision)
@@ -375,7 +379,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                     "validation_images": int(data.test_x.shape[0]) if validation else None,
                     "num_classes": data.spec.num_classes, "image_size": data.spec.image_size},
         "history": history,
-        "model": {"name": config.model, **model_facts(model, config.patch_size), "image_size": data.spec.image_size},
+        "model": {"name": config.model, "title": model_title(config.model), **model_facts(model, config.patch_size),
+                  "image_size": data.spec.image_size},
         "warnings": warnings_given,  # the course's common mistakes this run's settings make (reports repeat them)
         "config": config.to_dict(),
         "environment": environment(device),

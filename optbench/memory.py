@@ -1,4 +1,5 @@
-"""Where a training step's memory goes, per optimizer, for any timm ViT, with or without a GPU.
+"""Where a training step's memory goes, per optimizer, for any model of the registry (timm ViTs, the CIFAR
+ResNet-18), with or without a GPU.
 
 For each optimizer one training step (forward, loss, backward, `step()`, `zero_grad`) is measured after
 its state exists (all four optimizers create state lazily on their first step, which runs untracked).
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -40,7 +40,7 @@ import torch
 from optbench.errors import ConfigError, DeviceError, OptbenchError
 from optbench.measure import (AllocatorPeaks, StepMemory, optimizer_state_bytes, step_memory,
                               tracked_step_phases)
-from optbench.models import InputShape, build_model, default_patch_size
+from optbench.models import InputShape, build_model, check_size_options, get_model, model_facts, resolve_patch_size
 from optbench.optimizers import (BASELINE, COURSE_SET, MEMORY_CHALLENGER, BuildContext, get_entry, library_versions,
                                  title_of)
 from optbench.render import fmt_bytes as _fmt
@@ -59,24 +59,20 @@ LION_TARGET_SAVING = 0.30  # the course's claim: Lion saves >= 30% memory agains
 class MemorySpec:
     """One validated memory question. Build it with `resolve_spec`."""
 
-    model: str
+    model: str  # a name of the model registry, or a timm ViT name
     batch_size: int
     image_size: int
-    patch_size: int
+    patch_size: int | None  # None: the model has no patches (ResNet-18)
     num_classes: int
     precision: str  # fp32 | bf16 (autocast; weights, gradients and state stay fp32)
     method: str  # cuda | tracked | estimate (never auto: resolved)
     adamw_impl: str  # foreach | fused | forloop
     optimizers: tuple[str, ...]  # always starts with AdamW, the baseline of every saving
-    depth: int | None = None  # None: the timm model's own depth
+    depth: int | None = None  # None: the model's own depth
     in_chans: int = 3
     param_count: int = 0
-    tokens: int = 0  # patches + prefix (class) tokens
-
-
-def _name_number(name: str, pattern: str) -> int | None:
-    match = re.search(pattern, name)
-    return int(match.group(1)) if match else None
+    tokens: int = 0  # patches + prefix (class) tokens; 0 for a model without patches
+    title: str = ""  # the model's title in the registry
 
 
 def _create_model(spec: MemorySpec, device: str | torch.device) -> torch.nn.Module:
@@ -92,23 +88,19 @@ def resolve_spec(model: str, batch_size: int, image_size: int | None = None, pre
     """Validate a memory question; raises ConfigError / DeviceError with one actionable line.
 
     `method="auto"` is "cuda" when a GPU is present, else "estimate" (a CPU-tracked run of a large model
-    would allocate its full peak). `image_size` defaults to the size in the model's name (224).
+    would allocate its full peak). `image_size` defaults to the model's own (224 for timm ViTs, 32 for
+    the CIFAR ResNet-18).
     """
-    import timm
-
-    if not model or not timm.is_model(model):
-        raise ConfigError(f"unknown timm model '{model}': use a timm ViT name such as vit_tiny_patch16_224, "
-                          "vit_base_patch16_224 or vit_large_patch16_224")
+    entry = get_model(model or "")  # ConfigError naming the choices
     for name, value in (("batch size", batch_size), ("number of classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
     for name, value in (("image size", image_size), ("patch size", patch_size), ("depth", depth)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-    size = image_size or _name_number(model, r"_(\d+)$") or 224
-    patch = patch_size or default_patch_size(model, size)
-    if size % patch:
-        raise ConfigError(f"patch size {patch} does not divide the image size {size}: pick a divisor of {size}")
+    check_size_options(entry.name, patch_size, depth)
+    size = image_size or entry.default_image_size
+    patch = resolve_patch_size(entry.name, InputShape(size, 3, num_classes), patch_size)
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
     if adamw_impl not in ADAMW_IMPLEMENTATIONS:
@@ -128,13 +120,11 @@ def resolve_spec(model: str, batch_size: int, image_size: int | None = None, pre
         if name and name not in names:
             get_entry(name)  # ConfigError naming the choices
             names.append(name)
-    spec = MemorySpec(model=model, batch_size=batch_size, image_size=size, patch_size=patch,
+    spec = MemorySpec(model=entry.name, batch_size=batch_size, image_size=size, patch_size=patch,
                       num_classes=num_classes, precision=precision, method=method, adamw_impl=adamw_impl,
-                      optimizers=tuple(names), depth=depth, in_chans=in_chans)
-    probe = _create_model(spec, "meta")
-    patches = getattr(getattr(probe, "patch_embed", None), "num_patches", None)
-    tokens = (patches or 0) + int(getattr(probe, "num_prefix_tokens", 0))
-    return replace(spec, param_count=sum(p.numel() for p in probe.parameters()), tokens=tokens)
+                      optimizers=tuple(names), depth=depth, in_chans=in_chans, title=entry.title)
+    facts = model_facts(_create_model(spec, "meta"))
+    return replace(spec, param_count=facts["param_count"], tokens=facts["tokens"])
 
 
 # --- results ---------------------------------------------------------------------------------------

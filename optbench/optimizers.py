@@ -674,9 +674,9 @@ def describe_all() -> list[str]:
 
     State bytes per parameter are read from the entry's layouts on the default ViT-Tiny for CIFAR-100,
     built on the meta device (nothing allocated); the class is the one the entry builds."""
-    from optbench.models import InputShape, build_model
+    from optbench.models import DEFAULT_MODEL, InputShape, build_model
 
-    model = build_model("vit_tiny_patch16_224", InputShape(32, 3, 100, 4), seed=None, device="meta")
+    model = build_model(DEFAULT_MODEL, InputShape(32, 3, 100, 4), seed=None, device="meta")
     n_params = sum(p.numel() for p in model.parameters())
     versions = library_versions()
     context = BuildContext(device_type="cpu", total_steps=1000, warmup_steps=50)

@@ -229,9 +229,10 @@ def render_memory_report(report, console) -> None:
     spec = report.spec
     # GiB only when even the weights reach one: small parts must not round to 0.00.
     unit, scale = ("GiB", 2**30) if report.results[0].param_bytes >= 2**30 else ("MiB", 2**20)
-    table = Table(title=f"Training-step memory ({unit}): {spec.model}, {spec.param_count:,} parameters, "
-                        f"{spec.image_size}px / patch {spec.patch_size} ({spec.tokens} tokens), "
-                        f"batch {spec.batch_size}, {spec.precision}",
+    patches = f" / patch {spec.patch_size} ({spec.tokens} tokens)" if spec.patch_size else ""
+    model = spec.model if spec.title in ("", spec.model) else f"{spec.title} ({spec.model})"
+    table = Table(title=f"Training-step memory ({unit}): {model}, {spec.param_count:,} parameters, "
+                        f"{spec.image_size}px{patches}, batch {spec.batch_size}, {spec.precision}",
                   caption=report.method_label, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("", no_wrap=True)
     columns = []

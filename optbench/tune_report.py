@@ -15,6 +15,7 @@ import pandas as pd
 
 from optbench.analysis import DEFAULT_MARGIN, Verdict, optimizer_order
 from optbench.errors import RecordError
+from optbench.models import model_title
 from optbench.records import finished_runs
 from optbench.render import tuning_display, tuning_markdown
 from optbench.report import Report, build_report
@@ -55,7 +56,7 @@ def build_tuning_report(outcome: TuneOutcome, margin: float = DEFAULT_MARGIN, wr
         curves[opt] = tuning_curve([score(budget.settled[s]) for s in sorted(budget.settled)], seed=plan.seed)
         sensitivity[opt] = lr_sensitivity(budget.settled)
     base = specs[names[0]].base
-    workload = (f"{base.dataset}, {base.model}" + (f" depth {base.depth}" if base.depth else "")
+    workload = (f"{base.dataset}, {model_title(base.model)}" + (f" depth {base.depth}" if base.depth else "")
                 + f", {base.epochs} epochs, batch {base.batch_size}, {base.device}/{base.precision}")
     title = f"optbench tune ({plan.space}, {plan.budget} trials per optimizer): {workload}"
     protocol = [
