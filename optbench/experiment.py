@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import platform
 import sys
@@ -18,7 +19,7 @@ from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
 from optbench.checkpoints import (CheckpointError, RunLock, acquire_run_lock, capture_rng, checkpoint_path,
                                   load_checkpoint, restore_rng, save_checkpoint)
-from optbench.data import SPECS, ImageData, holdout_validation, load_dataset, steps_per_epoch
+from optbench.data import SPECS, ImageData, holdout_validation, load_dataset, steps_per_epoch, train_batches
 from optbench.diagnostics import StepDiagnostics
 from optbench.errors import ConfigError, DeviceError, OptbenchError
 from optbench.interrupt import StopOnSignal
@@ -109,6 +110,36 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return digest.hexdigest()
+
+
+# Schedule-Free's README: "for batch in itertools.islice(train_loader, 50): model(batch)".
+BN_WARMUP_BATCHES = 50
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def batchnorm_warmup(model: torch.nn.Module, batches, amp) -> int:
+    """Recompute BatchNorm's running statistics at the weights now in the model, as Schedule-Free's authors
+    prescribe before evaluating (schedulefree README, "Caveats"): with the optimizer already in eval mode
+    (the averaged weights x in the model), train-mode forwards without gradients over training batches,
+    then `model.eval()`. Returns the batches used.
+
+    Why: in train mode BatchNorm updates its running mean and variance on every forward, so after training
+    they describe the activations of the gradient points y, while evaluation uses x. Only BatchNorm's
+    buffers change: no gradient, no weight, and the global random streams are restored afterwards (a
+    layer drawing random numbers in train mode, e.g. dropout, must not move the run's)."""
+    used = 0
+    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.train()
+        for x, _ in batches:
+            with amp:
+                model(x)
+            used += 1
+    model.eval()
+    return used
 
 
 def _build_optimizer(entry, model, hparams, context):
@@ -309,6 +340,12 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         before = (saved or {}).get("hessian_estimates") or 0  # made before a resume
         return before + entry.hessian_estimates(optimizer)
 
+    recompute_bn = None
+    if entry.bn_warmup and has_batchnorm(model):
+        def recompute_bn(epoch: int) -> None:  # the epoch's own training batches: same order, same augmentation
+            batchnorm_warmup(model, itertools.islice(train_batches(data, config.batch_size, config.seed, epoch,
+                                                                   config.augment), BN_WARMUP_BATCHES), amp)
+
     train_model = torch.compile(model) if config.compile else model
     reset_cuda_peak(device)
     reporter.phase("training")
@@ -318,7 +355,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                        augment=config.augment, precision=config.precision, log_every=config.log_every,
                        reporter=reporter, resume=progress, checkpoint=save, stop_requested=stop,
                        eager_model=model if config.compile else None,
-                       diagnostics=StepDiagnostics(list(model.parameters()), optimizer, entry, reporter.warn))
+                       diagnostics=StepDiagnostics(list(model.parameters()), optimizer, entry, reporter.warn),
+                       before_eval=recompute_bn)
     if device.type == "cuda":
         peaks = cuda_peaks(device)
         peak, peak_source, reserved = peaks["allocated"], "torch.cuda.max_memory_allocated (whole training)", \
@@ -373,6 +411,10 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "warmup_steps": warmup,
         "total_steps_planned": total_steps,
         "lr_schedule": "warmup+cosine (external)" if entry.external_schedule else "none (built-in warmup)",
+        # BatchNorm statistics recomputed at the evaluated weights before each evaluation, over this many
+        # training batches (Schedule-Free's warm-up), or None: evaluated with the statistics training left.
+        "bn_warmup_batches": (min(BN_WARMUP_BATCHES, steps_per_epoch(data.train_x.shape[0], config.batch_size))
+                              if recompute_bn is not None else None),
         "optimizer_implementation": built.implementation,
         "dataset": {"name": data.spec.name, "title": data.spec.title, "train_images": int(data.train_x.shape[0]),
                     "test_images": None if validation else int(data.test_x.shape[0]),

@@ -114,7 +114,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
           reporter: Reporter, resume: TrainResult | None = None,
           checkpoint: Callable[[TrainResult], None] | None = None,
           stop_requested: Callable[[], bool] = lambda: False,
-          eager_model: torch.nn.Module | None = None, diagnostics: StepDiagnostics | None = None) -> TrainResult:
+          eager_model: torch.nn.Module | None = None, diagnostics: StepDiagnostics | None = None,
+          before_eval: Callable[[int], None] | None = None) -> TrainResult:
     """Train for `epochs` (continuing from `resume`), evaluating after each epoch.
 
     `checkpoint(result)` is called after each epoch's evaluation (Schedule-Free then in eval mode, as the
@@ -122,6 +123,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
     `eager_model`: the uncompiled module when `model` is torch.compile'd; Hessian steps use it, since
     compiled graphs cannot be differentiated twice. `diagnostics`: measured on log-point steps, sent
     to `reporter.log_point` and averaged per epoch into the history row's "diagnostics".
+    `before_eval(epoch)`: called with the evaluated weights in place, before each epoch's evaluation and
+    on its clock (Schedule-Free with BatchNorm: its statistics are recomputed there, optbench/experiment.py).
     """
     device = data.train_x.device
     amp = autocast_for(device, precision)
@@ -186,6 +189,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 break
             with eval_clock.running():
                 entry.eval_mode(optimizer)  # Schedule-Free: evaluate the averaged weights x, not y
+                if before_eval is not None:
+                    before_eval(epoch)
                 test_loss, test_acc = evaluate(model, data, eval_batch_size, amp)
             row = {
                 "epoch": epoch,
