@@ -233,8 +233,8 @@ def test_history_lr_is_the_lr_the_epochs_last_step_used(make_config, monkeypatch
 def test_record_says_what_model_ran_patch_image_size_depth_width(matched_runs):
     rec = matched_runs["adamw"].record
     assert rec["config"]["patch_size"] == 4  # resolved from the data (16 px -> 4), never null
-    assert rec["model"] == {"name": "vit_tiny_patch16_224", "patch_size": 4, "tokens": 17, "depth": 1, "width": 192,
-                            "param_count": rec["param_count"], "image_size": 16}
+    assert rec["model"] == {"name": "vit_tiny_patch16_224", "title": "ViT-Tiny", "patch_size": 4, "tokens": 17,
+                            "depth": 1, "width": 192, "param_count": rec["param_count"], "image_size": 16}
 
 
 # --- divergence --------------------------------------------------------------------------------------
