@@ -80,7 +80,7 @@ def test_memory_takes_the_batch_size_and_workload_from_another_preset(tmp_path):
 
 def test_memory_with_a_model_keeps_that_models_own_size():
     result = runner.invoke(app, ["memory", "--model", "vit_nonexistent_patch16_224"])
-    assert result.exit_code == 1 and "unknown timm model" in result.output
+    assert result.exit_code == 1 and "unknown model 'vit_nonexistent_patch16_224'" in result.output
     assert "preset's model" not in result.output  # the model was given: no preset model announced
 
 
