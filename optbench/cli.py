@@ -154,7 +154,11 @@ def compare(
     results_dir: Optional[str] = typer.Option(None, help="where records and the report go (default results/PRESET)"),
     rerun: bool = typer.Option(False, "--rerun", help="run again even where a finished record exists"),
     margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
-    strict: bool = typer.Option(False, "--strict", help="exit 4 unless both criteria pass"),
+    strict: bool = typer.Option(False, "--strict", help="exit 4 unless the memory criterion and the accuracy "
+                                "reading(s) chosen by --rule pass"),
+    rule: str = typer.Option("both", help="accuracy reading --strict enforces: literal (the course's rule as "
+                             "written: mean accuracy >= AdamW's), statistical (non-inferiority within --margin, "
+                             "95% lower bound) or both"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
@@ -175,6 +179,7 @@ def compare(
             fail("--seeds must be whole numbers in [0, 2**31)")
         if not 0 <= margin < 100:
             fail("--margin must be in [0, 100) percentage points")
+        _check_rule(rule)
         configs = plan_runs(preset, names, seed_list, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
             model=model, depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
@@ -190,7 +195,26 @@ def compare(
     show_report(report)
     if any(r["status"] == "interrupted" for r in records):
         raise typer.Exit(EXIT_INTERRUPTED)
-    if strict and not report.all_passed:
+    _enforce_strict(report, strict, rule)
+
+
+def _check_rule(rule: str) -> None:
+    from optbench.analysis import RULES
+
+    if rule not in RULES:
+        fail(f"--rule must be one of {', '.join(RULES)}, got '{rule}'")
+
+
+def _enforce_strict(report: Any, strict: bool, rule: str) -> None:
+    """--strict: say which rule is enforced and its outcome, then exit 4 unless it passes."""
+    if not strict:
+        return
+    from optbench.console import console
+
+    passed = report.strict_passed(rule)
+    console.print(("[green]" if passed else "[red]") + report.strict_text(rule) + ("[/green]" if passed else "[/red]"),
+                  soft_wrap=True)
+    if not passed:
         raise typer.Exit(EXIT_CRITERIA)
 
 
@@ -278,7 +302,11 @@ def report(
     workload: Optional[str] = typer.Option(None, help="workload id, when the folder holds several"),
     out: Optional[Path] = typer.Option(None, help="where to write tables and figures (default RESULTS_DIR)"),
     margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
-    strict: bool = typer.Option(False, "--strict", help="exit 4 unless both criteria pass"),
+    strict: bool = typer.Option(False, "--strict", help="exit 4 unless the memory criterion and the accuracy "
+                                "reading(s) chosen by --rule pass"),
+    rule: str = typer.Option("both", help="accuracy reading --strict enforces: literal (the course's rule as "
+                             "written: mean accuracy >= AdamW's), statistical (non-inferiority within --margin, "
+                             "95% lower bound) or both"),
     diagnostics: bool = typer.Option(False, "--diagnostics", help="also plot the optimizer diagnostics recorded "
                                      "in the runs (gradient norm, update size, Sophia's clipping, ...)"),
 ) -> None:
@@ -287,6 +315,7 @@ def report(
     from optbench.records import latest_results_dir, load_records
     from optbench.report import build_report
 
+    _check_rule(rule)
     try:
         if results_dir is None:
             latest = latest_results_dir()
@@ -302,8 +331,7 @@ def report(
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     show_report(report)
-    if strict and not report.all_passed:
-        raise typer.Exit(EXIT_CRITERIA)
+    _enforce_strict(report, strict, rule)
 
 
 @app.command()

@@ -166,6 +166,8 @@ def show_report(report: Any) -> None:
         out.print(f"[{color}]{lines[0]}[/{color}]", soft_wrap=True)
         for line in lines[1:]:
             out.print(line, soft_wrap=True)
+    if getattr(report, "disagreement", None):
+        out.print(f"[bold]{report.disagreement}[/bold]", soft_wrap=True)
     if not report.time_to_target.empty:
         out.print()
         out.print(rich_table(ttt_display(report.time_to_target), "Time to AdamW's final accuracy"))

@@ -401,6 +401,10 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "peak_memory_bytes": peak,
         "peak_memory_source": peak_source,
         "peak_memory_reserved_bytes": reserved,
+        # The course's situation (a DataLoader holds a batch, not the dataset): the CUDA peak minus the
+        # dataset resident on the GPU the whole run; the CPU probe's step peak never held it.
+        "peak_memory_without_dataset_bytes": (None if peak is None else
+                                              peak - data.device_bytes if device.type == "cuda" else peak),
         "memory_breakdown": probe,
         "memory_breakdown_reused_from": probe_reused_from,  # a cache file of an earlier run, or None: measured here
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),

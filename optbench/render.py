@@ -58,6 +58,7 @@ def display_table(df: pd.DataFrame) -> pd.DataFrame:
             "time x AdamW": _ratio(r.time_ratio),
             "peak memory": _mib(r.peak_mean),
             "peak saving": _saving(r.peak_saving),
+            "peak incl. data": _mib(r.get("peak_with_data_mean")),
             "optimizer state": _mib(r.state_bytes),
             "state saving": _saving(r.state_saving),
             "images/s": "-" if _missing(r.throughput) else f"{r.throughput:,.0f}",
@@ -90,6 +91,8 @@ def rich_table(display: pd.DataFrame, title: str) -> Table:
 
 def verdict_text(verdict: Verdict) -> list[str]:
     mark = {True: "PASS", False: "FAIL", None: "UNDECIDED"}[verdict.passed]
+    if verdict.qualifier and verdict.passed is not None:
+        mark += f", {verdict.qualifier}"
     return [f"[{mark}] {verdict.name}: {verdict.summary}"] + [f"    {d}" for d in verdict.details]
 
 
@@ -116,7 +119,8 @@ def environment_line(details: pd.DataFrame) -> str:
 
 def markdown_report(title: str, display: pd.DataFrame, sources: list[str], ttt: pd.DataFrame,
                     verdicts: list[Verdict], notes: list[str], details: pd.DataFrame | None = None,
-                    state_notes: list[str] | None = None, warnings: list[str] | None = None) -> str:
+                    state_notes: list[str] | None = None, warnings: list[str] | None = None,
+                    disagreement: str | None = None) -> str:
     parts = [f"# {title}", "", display.to_markdown(index=False), ""]
     if sources:
         parts += ["Peak memory source: " + "; ".join(sources), ""]
@@ -128,6 +132,8 @@ def markdown_report(title: str, display: pd.DataFrame, sources: list[str], ttt: 
     for verdict in verdicts:
         lines = verdict_text(verdict)
         parts += [f"- **{lines[0]}**"] + [f"  - {line.strip()}" for line in lines[1:]]
+    if disagreement:
+        parts += ["", f"**{disagreement}**"]
     if not ttt.empty:
         parts += ["", "## Time to AdamW's final accuracy", "", ttt_display(ttt).to_markdown(index=False)]
     if details is not None and not details.empty:

@@ -8,7 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from optbench.analysis import (DEFAULT_MARGIN, Verdict, accuracy_criterion, course_warnings, memory_criterion,
+from optbench.analysis import (DEFAULT_MARGIN, DEFAULT_RULE, Verdict, accuracy_verdicts, course_warnings,
+                               memory_criterion, strict_rule_text, strict_verdicts,
                                missing_runs, model_facts_of, run_details, select_workload, state_notes, summary_table,
                                time_to_target, update_size_notes, workload_id, workload_label)
 from optbench.errors import RecordError
@@ -29,10 +30,21 @@ class Report:
     details: pd.DataFrame = field(default_factory=pd.DataFrame)  # what ran: hyperparameters, seeds, versions
     state_notes: list[str] = field(default_factory=list)  # why each optimizer's state is its size (registry)
     warnings: list[str] = field(default_factory=list)  # the course's common mistakes these runs make
+    disagreement: str | None = None  # where the course's literal rule and the statistics part ways
+    margin: float = DEFAULT_MARGIN
 
     @property
     def all_passed(self) -> bool:
         return all(v.passed is True for v in self.verdicts)
+
+    def strict_passed(self, rule: str = DEFAULT_RULE) -> bool:
+        """What --strict enforces under `rule` (literal, statistical or both): every selected verdict PASS."""
+        return all(v.passed is True for v in strict_verdicts(self.verdicts, rule))
+
+    def strict_text(self, rule: str = DEFAULT_RULE) -> str:
+        failed = [v.name for v in strict_verdicts(self.verdicts, rule) if v.passed is not True]
+        return (strict_rule_text(rule, self.margin) + ": "
+                + ("all pass" if not failed else "not passed: " + "; ".join(failed)))
 
 
 def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: str | None = None,
@@ -46,7 +58,8 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
     title = f"optbench comparison: {workload_label(selection.workload, model_facts_of(selection.records))}"
     table = summary_table(selection.records)
     ttt = time_to_target(selection.records)
-    verdicts = [memory_criterion(selection.records), accuracy_criterion(selection.records, margin)]
+    literal, statistical, disagreement = accuracy_verdicts(selection.records, margin)
+    verdicts = [memory_criterion(selection.records), literal, statistical]
     sources = sorted({str(s) for s in table.get("peak_source", pd.Series(dtype=object)).dropna()})
     notes = list(problems or []) + selection.notes + missing_runs(selection.records, expected_optimizers)
     notes.append(_implementations(selection.records))
@@ -54,7 +67,8 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
         notes += update_size_notes(selection.records) or ["no optimizer diagnostics in these records"]
     display = display_table(table)
     report = Report(title, wid, table, display, ttt, verdicts, sources, notes, details=run_details(selection.records),
-                    state_notes=state_notes(selection.records), warnings=course_warnings(selection.records))
+                    state_notes=state_notes(selection.records), warnings=course_warnings(selection.records),
+                    disagreement=disagreement, margin=margin)
     if out_dir is not None:
         try:
             _write_files(report, selection.records, out_dir, title, plots, diagnostics)
@@ -77,7 +91,7 @@ def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, t
     stem = f"comparison-{report.workload_id}"
     markdown = markdown_report(title, report.display, report.sources, report.time_to_target, report.verdicts,
                                report.notes, details=report.details, state_notes=report.state_notes,
-                               warnings=report.warnings)
+                               warnings=report.warnings, disagreement=report.disagreement)
     # The CSV carries what ran beside the numbers: each optimizer's hyperparameters, seeds, device, versions.
     csv = report.table.drop(columns=["seeds"], errors="ignore")
     if not report.details.empty:

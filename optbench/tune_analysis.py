@@ -202,8 +202,9 @@ def verdict_change(default_verdicts: list[Verdict], tuned_verdicts: list[Verdict
     changed = [f"'{d.name}' {mark[d.passed]} -> {mark[t.passed]}" for d, t in zip(default_verdicts, tuned_verdicts)
                if d.passed != t.passed]
     if not changed:
-        return ("tuning changed neither verdict: " + "; ".join(f"'{t.name}' {mark[t.passed]}" for t in tuned_verdicts))
-    return "tuning changed " + ("both verdicts" if len(changed) == 2 else "one verdict") + ": " + "; ".join(changed)
+        return ("tuning changed no verdict: " + "; ".join(f"'{t.name}' {mark[t.passed]}" for t in tuned_verdicts))
+    count = {1: "one verdict", 2: "two verdicts", 3: "three verdicts"}.get(len(changed), f"{len(changed)} verdicts")
+    return "tuning changed " + count + ": " + "; ".join(changed)
 
 
 def order(summaries: dict[str, Any]) -> list[str]:

@@ -28,7 +28,7 @@ def test_compare_prints_table_and_both_verdicts(compared):
     for name in ("AdamW", "Lion", "Sophia", "Schedule-Free"):
         assert name in output
     assert "Lion saves >= 30% peak memory vs AdamW" in output
-    assert "modern optimizer matches or beats AdamW" in output
+    assert "modern optimizer equals or beats AdamW" in output
     assert "Time to AdamW's final accuracy" in output
     written = {p.suffix for p in results.glob("comparison-*")}
     assert written == {".csv", ".md", ".png"}

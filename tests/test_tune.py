@@ -114,7 +114,7 @@ def tuned(tmp_path_factory) -> tuple[Path, str]:
 def test_tune_prints_choice_defaults_compute_and_both_verdicts(tuned):
     results, output = tuned
     for text in ("What tuning did", "chosen", "val defaults", "test tuned", "device-s", "lr 0.001, wd 0.05",
-                 "Lion saves >= 30% peak memory vs AdamW", "modern optimizer matches or beats AdamW",
+                 "Lion saves >= 30% peak memory vs AdamW", "modern optimizer equals or beats AdamW",
                  "With the defaults (same final seeds)"):
         assert text in output, text
     assert "tuning changed" in output

@@ -97,8 +97,8 @@ def test_summary_puts_defaults_beside_the_tuned_setting_and_warns_at_edges():
 
 def test_verdict_change_line():
     a, b = Verdict("memory", False, ""), Verdict("accuracy", False, "")
-    assert verdict_change([a, b], [a, b]).startswith("tuning changed neither verdict")
+    assert verdict_change([a, b], [a, b]).startswith("tuning changed no verdict")
     line = verdict_change([a, b], [a, Verdict("accuracy", True, "")])
     assert line == "tuning changed one verdict: 'accuracy' FAIL -> PASS"
     assert verdict_change([a, b], [Verdict("memory", True, ""), Verdict("accuracy", None, "")]).startswith(
-        "tuning changed both verdicts")
+        "tuning changed two verdicts")
