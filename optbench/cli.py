@@ -475,7 +475,10 @@ def list_optimizers() -> None:
 
 
 def main() -> None:
+    from optbench.interrupt import sigterm_as_ctrl_c
+
     try:
+        sigterm_as_ctrl_c()  # first: a SIGTERM during imports or set-up exits 130, as documented
         app()
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)

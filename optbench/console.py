@@ -127,11 +127,12 @@ def run_summary(record: dict[str, Any], path: Any) -> str:
         + (f" ({record['status_detail']})" if record["status_detail"] else ""),
         *([f"  model {model_label(record['model'])}"] if isinstance(record.get("model"), dict) else []),
         f"  final test accuracy {acc:.2%}" if acc is not None else "  final test accuracy: none (run did not finish)",
-        f"  training wall-time {record['train_wall_time_s']:.1f}s (evaluation {record['eval_wall_time_s']:.1f}s, "
+        f"  training wall-time {record['train_wall_time_s']:.1f}s (evaluation {record.get('eval_wall_time_s') or 0:.1f}s, "
         f"total {record['total_wall_time_s']:.1f}s), {record['steps']} steps, "
-        f"{(record['throughput_images_per_s'] or 0):,.0f} images/s",
+        f"{(record.get('throughput_images_per_s') or 0):,.0f} images/s",
         f"  peak memory {mib(record['peak_memory_bytes'])} ({record['peak_memory_source']})",
-        f"  optimizer state {mib(record['optimizer_state_bytes'])} for {record['param_count']:,} parameters",
+        f"  optimizer state {mib(record['optimizer_state_bytes'])}"
+        + (f" for {record['param_count']:,} parameters" if record.get("param_count") is not None else ""),
     ]
     if record.get("hessian_updates") is not None:
         lines.append(f"  Hessian estimates: {record['hessian_updates']} in {record['steps']} steps")

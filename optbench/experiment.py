@@ -29,7 +29,7 @@ from optbench.models import build_model, model_facts, model_title, param_count, 
 from optbench.optimizers import BuildContext, RunSettings, get_entry, library_versions
 from optbench.setup_cache import cached, flops_key, probe_key
 from optbench.records import SCHEMA_VERSION, ensure_writable, find_finished, utc_now, write_record
-from optbench.train import TrainResult, autocast_for, train, training_step
+from optbench.train import StopRequested, TrainResult, autocast_for, train, training_step
 
 PACKAGES = ("torchvision", "numpy", "scikit-learn", "optuna")  # besides torch, timm and the optimizers' libraries
 
@@ -208,10 +208,17 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     if claim.finished is not None:
         reporter.phase(f"this run has finished already: reusing {claim.finished['_path']} (nothing trained)")
         return claim.finished, Path(claim.finished["_path"])
-    with claim.lock:
+    # The stop handler covers set-up too: a SIGTERM while data loads or the probe runs ends the run as
+    # `interrupted` (exit 130), not by the signal's default action.
+    with claim.lock, StopOnSignal(reporter.warn) as stop:
         _tell(reporter, "run_start", config)  # trackers open their run with the resolved config
         try:
-            record, path = _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start)
+            record, path = _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start, stop)
+            _tell(reporter, "run_end", record, path)
+            return record, path
+        except StopRequested:
+            record, path = _setup_failure(config, "interrupted", "stopped on request during set-up, before the "
+                                          "first step", device, started_at, wall_start)
             _tell(reporter, "run_end", record, path)
             return record, path
         except torch.OutOfMemoryError as exc:
@@ -240,7 +247,8 @@ def _setup_failure(config: RunConfig, status: str, detail: str, device: torch.de
         "schema_version": SCHEMA_VERSION, "run_id": f"{config.config_hash}-{started_at}",
         "config_hash": config.config_hash, "optimizer": config.optimizer, "status": status,
         "status_detail": detail, "diverged_at_step": None, "final_test_acc": None, "train_wall_time_s": 0.0,
-        "total_wall_time_s": time.perf_counter() - wall_start, "steps": 0, "epochs_completed": 0,
+        "eval_wall_time_s": 0.0, "total_wall_time_s": time.perf_counter() - wall_start, "resumed": False,
+        "throughput_images_per_s": None, "steps": 0, "epochs_completed": 0, "images_seen": 0,
         "hessian_updates": None, "peak_memory_bytes": None, "peak_memory_source": "not measured (run failed in set-up)",
         "optimizer_state_bytes": None, "param_count": None, "history": [], "config": config.to_dict(),
         "environment": environment(device), "started_at": started_at, "finished_at": utc_now(),
@@ -248,7 +256,11 @@ def _setup_failure(config: RunConfig, status: str, detail: str, device: torch.de
     return record, write_record(config.results_dir, record)
 
 
-def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start):
+def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start, stop):
+    def setup_step_done() -> None:  # set-up is not resumable: a stop during it ends the run before training
+        if stop():
+            raise StopRequested
+
     warnings_given = entry.warnings(config.hparams, RunSettings(batch_size=config.batch_size))
     for text in warnings_given:
         reporter.warn(text)
@@ -265,6 +277,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     if validation:  # a tuning trial: from here on the test split is gone, the validation split is evaluated
         data = holdout_validation(data, config.validation_fraction, config.validation_seed)
     data = data.to(device)
+    setup_step_done()
     model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
     total_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
     warmup = resolved_warmup_steps(config.warmup_steps, total_steps)
@@ -308,6 +321,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
             config.results_dir, probe_key(config.identity, tuple(sample_x.shape), str(sample_x.dtype)),
             measure_probe, reporter.warn)
 
+    setup_step_done()
     progress = None
     earlier_wall = 0.0
     if saved:
@@ -348,15 +362,15 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
 
     train_model = torch.compile(model) if config.compile else model
     reset_cuda_peak(device)
+    setup_step_done()
     reporter.phase("training")
-    with StopOnSignal(reporter.warn) as stop:
-        result = train(train_model, optimizer, entry, scheduler, data, epochs=config.epochs,
-                       batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
-                       augment=config.augment, precision=config.precision, log_every=config.log_every,
-                       reporter=reporter, resume=progress, checkpoint=save, stop_requested=stop,
-                       eager_model=model if config.compile else None,
-                       diagnostics=StepDiagnostics(list(model.parameters()), optimizer, entry, reporter.warn),
-                       before_eval=recompute_bn)
+    result = train(train_model, optimizer, entry, scheduler, data, epochs=config.epochs,
+                   batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
+                   augment=config.augment, precision=config.precision, log_every=config.log_every,
+                   reporter=reporter, resume=progress, checkpoint=save, stop_requested=stop,
+                   eager_model=model if config.compile else None,
+                   diagnostics=StepDiagnostics(list(model.parameters()), optimizer, entry, reporter.warn),
+                   before_eval=recompute_bn)
     if device.type == "cuda":
         peaks = cuda_peaks(device)
         peak, peak_source, reserved = peaks["allocated"], "torch.cuda.max_memory_allocated (whole training)", \

@@ -23,8 +23,8 @@ class StopOnSignal:
         if self.requested:
             raise KeyboardInterrupt  # second signal: stop now, without a checkpoint
         self.requested = True
-        self._notify(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                     "(send it again to stop at once)")
+        self._notify(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint, or before "
+                     "training if it has not started (send it again to stop at once)")
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -35,3 +35,14 @@ class StopOnSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _terminate_as_interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def sigterm_as_ctrl_c() -> None:
+    """From here on SIGTERM does what Ctrl-C does (KeyboardInterrupt, exit 130) wherever no StopOnSignal
+    is active, e.g. while the CLI imports torch: the process never ends by the signal's default action."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
