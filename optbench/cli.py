@@ -165,7 +165,7 @@ def compare(
 ) -> None:
     """Run every optimizer x seed on one workload (reusing finished runs) and report the comparison."""
     from optbench.compare import plan_runs, run_comparison
-    from optbench.config import preset_seeds
+    from optbench.config import margin_fraction, preset_seeds
     from optbench.console import RichReporter, console, show_report
     from optbench.tracking import check_trackers, reporter_factory
 
@@ -177,8 +177,7 @@ def compare(
         seed_list = _csv_list(seeds, "--seeds", int) if seeds else preset_seeds(preset)
         if any(not 0 <= s < 2**31 for s in seed_list):
             fail("--seeds must be whole numbers in [0, 2**31)")
-        if not 0 <= margin < 100:
-            fail("--margin must be in [0, 100) percentage points")
+        margin_frac = margin_fraction(margin)
         _check_rule(rule)
         configs = plan_runs(preset, names, seed_list, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
@@ -189,7 +188,7 @@ def compare(
         records = run_comparison(configs, rerun, make_reporter, lambda text: console.print(text, soft_wrap=True))
         from optbench.report import build_report  # pandas: only once the runs are done, not before the first step
 
-        report = build_report(records, Path(results), margin=margin / 100, expected_optimizers=names)
+        report = build_report(records, Path(results), margin=margin_frac, expected_optimizers=names)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     show_report(report)
@@ -253,7 +252,7 @@ def tune(
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
 ) -> None:
     """Tune every optimizer with the same budget on a validation split, then compare on fresh seeds."""
-    from optbench.config import preset_seeds
+    from optbench.config import margin_fraction, preset_seeds
     from optbench.console import RichReporter, console, show_tuning
     from optbench.tracking import check_trackers, reporter_factory
     from optbench.tune import make_plan, run_tune
@@ -264,10 +263,9 @@ def tune(
         fail("--workers must be at least 1")
     if final_seeds < 0:
         fail("--final-seeds must be 0 or more")
-    if not 0 <= margin < 100:
-        fail("--margin must be in [0, 100) percentage points")
     results = results_dir or f"results/{preset}"
     try:
+        margin_frac = margin_fraction(margin)
         if not 0 <= seed < 2**31:
             fail("--seed must be a whole number in [0, 2**31)")
         trackers = check_trackers(track, track_uri)  # a missing extra fails before the study is made
@@ -283,7 +281,7 @@ def tune(
                            preferred_seeds=preset_seeds(preset))
         if outcome.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
-        report = build_tuning_report(outcome, margin / 100)
+        report = build_tuning_report(outcome, margin_frac)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     show_tuning(report)
@@ -311,12 +309,14 @@ def report(
                                      "in the runs (gradient norm, update size, Sophia's clipping, ...)"),
 ) -> None:
     """Redraw the comparison table, criteria and figures from existing run records, without training."""
+    from optbench.config import margin_fraction
     from optbench.console import console, show_report
     from optbench.records import latest_results_dir, load_records
     from optbench.report import build_report
 
     _check_rule(rule)
     try:
+        margin_frac = margin_fraction(margin)  # before reading anything, as compare does
         if results_dir is None:
             latest = latest_results_dir()
             results_dir = latest.directory
@@ -326,7 +326,7 @@ def report(
         loaded = load_records(results_dir)
         for problem in loaded.problems:
             console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
-        report = build_report(loaded.records, out or results_dir, workload=workload, margin=margin / 100,
+        report = build_report(loaded.records, out or results_dir, workload=workload, margin=margin_frac,
                               problems=loaded.problems, diagnostics=diagnostics)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)

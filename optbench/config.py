@@ -78,6 +78,15 @@ class RunConfig:
         return asdict(self)
 
 
+def margin_fraction(points: Any) -> float:
+    """`--margin` (percentage points) as a fraction; the one check every command that takes it uses.
+    NaN, infinite, negative or >= 100 points would make a criterion that cannot fail or cannot pass."""
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or not math.isfinite(points) \
+            or not 0 <= points < 100:
+        raise ConfigError(f"--margin must be a number in [0, 100) percentage points, got {points!r}")
+    return points / 100
+
+
 def resolved_warmup_steps(requested: int, total_steps: int) -> int:
     """The warmup a run actually uses: the requested steps, but at most 10% of the run."""
     return max(0, min(requested, math.ceil(WARMUP_MAX_FRACTION * total_steps)))
