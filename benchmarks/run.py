@@ -26,9 +26,11 @@ synchronisation is needed on the CPU.
 
 The two sides of every comparison run interleaved in the same process, and the statistics are chosen to
 survive a shared machine (other processes taking a core can slow a 2-thread torch op tenfold for seconds):
-[1] the best epoch of each variant; [2] the median over interleaved pairs of the per-pair time ratio;
-[3] median plain-step and median Hessian-step times, weighted by their shares of the steps (raw block
-times are printed as a cross-check); [4] the fastest of each variant's interleaved runs.
+every ratio is the median over interleaved repeats of the per-repeat ratio, printed with its min-max:
+[1] per repetition, optbench's epoch / the epoch of the DataLoader variant with the best median (run
+right after it); [2] per pair of steps; [3] and [5] per round of 10-step blocks (each with one Hessian
+step; median plain-step and Hessian-step times are printed as a cross-check); [4] per repetition,
+optbench's run / the run of the Lightning variant with the best median wall.
 The quick mode also cuts ViT-Tiny to depth 1: its figures only show that every section runs.
 """
 
@@ -104,10 +106,10 @@ class Profile:
     e2e_workers: tuple[int, ...]
 
 
-FULL = Profile("full", data_images=10_000, data_batch=128, data_reps=3, data_workers=(0, 1, 2), vit_depth=None,
+FULL = Profile("full", data_images=10_000, data_batch=128, data_reps=5, data_workers=(0, 1, 2), vit_depth=None,
                step_batch=32, step_warmup=3, step_pairs=64,
                opt_batch=32, opt_rounds=5, opt_warmup=True,
-               vit_batch=32, vit_steps=30, small_batch=128, small_steps=150, vit_reps=2, small_reps=3,
+               vit_batch=32, vit_steps=30, small_batch=128, small_steps=150, vit_reps=3, small_reps=5,
                e2e_workers=(0, 2))
 QUICK = Profile("quick", data_images=2_048, data_batch=128, data_reps=1, data_workers=(0, 2), vit_depth=1,
                 step_batch=8, step_warmup=1, step_pairs=3,
@@ -239,7 +241,7 @@ def bench_data(p: Profile, results: dict[str, Any]) -> None:
     say("    torchvision: DataLoader(shuffle=True) over a CIFAR10-like Dataset of PIL images with "
         "RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize;")
     say(f"                 num_workers in {list(p.data_workers)} (persistent workers; {os.cpu_count()} cores), "
-        "the best one is the baseline")
+        "the one with the best median is the baseline")
     hwc, labels = synthetic_cifar(p.data_images)
     data = optbench_data(hwc, labels)
     dataset = PILImages(hwc, labels, pil_transform(data.mean, data.std))
@@ -282,21 +284,23 @@ def bench_data(p: Profile, results: dict[str, Any]) -> None:
     del loaders
     gc.collect()
 
-    best = {k: max(v) for k, v in rates.items()}
-    say(f"    images/s, best of {p.data_reps} interleaved epoch(s) (all: "
-        + "; ".join(f"{k} {', '.join(f'{r:,.0f}' for r in v)}" for k, v in rates.items()) + ")")
-    for key, value in best.items():
-        say(f"    {key:>14}: {value:>10,.0f} images/s")
-    base_key = max((k for k in best if k.startswith("workers=")), key=lambda k: best[k])
+    med = {k: median(v) for k, v in rates.items()}
+    say(f"    images/s per interleaved epoch ({p.data_reps} each): "
+        + "; ".join(f"{k} {', '.join(f'{r:,.0f}' for r in v)}" for k, v in rates.items()))
+    for key, value in med.items():
+        say(f"    {key:>14}: median {value:>10,.0f} images/s   (min-max {min(rates[key]):,.0f}-{max(rates[key]):,.0f})")
+    # The baseline is the worker count with the best median; each repetition's ratio pairs optbench's epoch
+    # with that loader's epoch run right after it, so a load spike moves both sides of a ratio.
+    base_key = max((k for k in med if k.startswith("workers=")), key=lambda k: med[k])
+    per_rep = [a / b for a, b in zip(rates["optbench"], rates[base_key])]
     if one_thread:
-        say(f"    diagnostic: optbench with torch.set_num_threads(1) reaches {best[one_thread] / best[base_key]:.2f}x "
-            f"the baseline (the ratio below uses the default {threads} threads, as training does)")
-    ratio = best["optbench"] / best[base_key]
-    results["data"] = {"images": p.data_images, "batch": p.data_batch, "images_per_s": rates, "best": best,
+        say(f"    diagnostic: optbench with torch.set_num_threads(1) reaches {med[one_thread] / med[base_key]:.2f}x "
+            f"the baseline's median (the ratio below uses the default {threads} threads, as training does)")
+    results["data"] = {"images": p.data_images, "batch": p.data_batch, "images_per_s": rates, "median": med,
                        "baseline": base_key}
-    ratio_line("1", f"data pipeline images/s, optbench / torchvision DataLoader ({base_key}, the fastest)", ratio,
-               results, optbench=f"{best['optbench']:,.0f} img/s", baseline=f"{best[base_key]:,.0f} img/s "
-               f"(DataLoader {base_key})")
+    ratio_line("1", f"data pipeline images/s, optbench / torchvision DataLoader ({base_key}, the best median)",
+               median(per_rep), results, repeats=per_rep, optbench=f"{med['optbench']:,.0f} img/s (median)",
+               baseline=f"{med[base_key]:,.0f} img/s (DataLoader {base_key}, median)")
 
 
 # --- [2] training step -----------------------------------------------------------------------------
@@ -760,10 +764,10 @@ def bench_e2e(p: Profile, results: dict[str, Any]) -> None:
     say("    same number of steps (one epoch of synthetic CIFAR-shaped images, random crop+flip+normalise).")
     say("    Lightning: progress bar, logger, checkpointing, model summary, sanity check and validation off;")
     say("    DataLoader(shuffle=True) + PIL RandomCrop/RandomHorizontalFlip/ToTensor/Normalize, num_workers in "
-        f"{list(p.e2e_workers)}: the faster is the baseline.")
+        f"{list(p.e2e_workers)}: the one with the best median wall is the baseline.")
     say("    optbench: train() (its device-resident data, one epoch); its end-of-epoch evaluation is excluded.")
-    say("    Runs alternate (optbench, Lightning w0, Lightning w2, rotated per repetition); each variant's fastest run "
-        "counts.")
+    say("    Runs alternate (optbench, Lightning w0, Lightning w2, rotated per repetition); the ratio is the median over "
+        "repetitions of optbench's run / the baseline's run in that repetition, with its min-max.")
     say("    Time in forward/backward/step: hooks (PhaseTimer): model forward pre/post hooks; output-gradient hook to "
         "the last parameter's post-accumulate-grad hook;")
     say("    optimizer step pre/post hooks (Lightning: from its on_before_optimizer_step hook, as its step() runs the "
@@ -813,26 +817,31 @@ def bench_e2e_config(p: Profile, cfg: E2EConfig, results: dict[str, Any]) -> Non
         for r in rs:
             r["outside_s"] = r["wall_s"] - r["forward_s"] - r["backward_s"] - r["step_s"]
             r["outside_share"] = r["outside_s"] / r["wall_s"]
-        best = min(rs, key=lambda r: r["wall_s"])  # the least disturbed run: the machine may be shared
-        summary[v] = {"wall_s_best": best["wall_s"], "wall_s_runs": [r["wall_s"] for r in rs],
-                      "outside_share": best["outside_share"], "best_run": best, "runs": rs}
-        per_step = {k: 1e3 * best[k] / n for k in ("wall_s", "forward_s", "backward_s", "step_s", "outside_s")}
-        say(f"      {v:<24}{best['wall_s']:8.2f}s{per_step['wall_s']:9.1f}ms{per_step['forward_s']:8.1f}ms"
+        walls = [r["wall_s"] for r in rs]
+        typical = sorted(rs, key=lambda r: r["wall_s"])[(len(rs) - 1) // 2]  # the run with the (lower) median wall
+        summary[v] = {"wall_s_median": median(walls), "wall_s_runs": walls,
+                      "outside_share": typical["outside_share"], "median_run": typical, "runs": rs}
+        per_step = {k: 1e3 * typical[k] / n for k in ("wall_s", "forward_s", "backward_s", "step_s", "outside_s")}
+        say(f"      {v:<24}{median(walls):8.2f}s{per_step['wall_s']:9.1f}ms{per_step['forward_s']:8.1f}ms"
             f"{per_step['backward_s']:8.1f}ms{per_step['step_s']:6.1f}ms{per_step['outside_s']:8.1f}ms"
-            f"{100 * best['outside_share']:14.1f}%{best['to_first_forward_s']:11.2f}s")
-    base = min((v for v in variants if v != "optbench"), key=lambda v: summary[v]["wall_s_best"])
-    ratio = summary["optbench"]["wall_s_best"] / summary[base]["wall_s_best"]
-    say(f"      (the fastest of the {cfg.reps} interleaved run(s) of each; all walls: "
+            f"{100 * typical['outside_share']:14.1f}%{typical['to_first_forward_s']:11.2f}s")
+    # The baseline is the Lightning variant with the best median wall; each repetition's ratio pairs the
+    # optbench run with that variant's run of the same repetition (interleaved, so both saw the same load).
+    base = min((v for v in variants if v != "optbench"), key=lambda v: summary[v]["wall_s_median"])
+    per_rep = [a / b for a, b in zip(summary["optbench"]["wall_s_runs"], summary[base]["wall_s_runs"])]
+    say(f"      (wall: the median of the {cfg.reps} interleaved run(s) of each; the other columns: the run with the "
+        "median wall; all walls: "
         + "; ".join(f"{v} " + ", ".join(f"{w:.2f}" for w in summary[v]["wall_s_runs"]) for v in variants)
         + f" s;\n       per-step columns divide by the {n} steps; 'to 1st fwd' = from the start of train()/fit() to "
         "the first training forward)")
     results["e2e"]["configs"][cfg.key] = {"title": cfg.title, "model": cfg.model, "depth": cfg.depth,
                                           "batch": cfg.batch, "steps": cfg.steps, "reps": cfg.reps,
                                           "baseline": base, "variants": summary}
-    ratio_line(cfg.key, f"end-to-end time, optbench / Lightning ({base}), {cfg.title}", ratio, results,
-               optbench=f"{summary['optbench']['wall_s_best']:.2f} s "
+    ratio_line(cfg.key, f"end-to-end time, optbench / Lightning ({base}), {cfg.title}", median(per_rep), results,
+               repeats=per_rep,
+               optbench=f"{summary['optbench']['wall_s_median']:.2f} s median "
                         f"(outside F/B/S {100 * summary['optbench']['outside_share']:.1f}%)",
-               baseline=f"{summary[base]['wall_s_best']:.2f} s "
+               baseline=f"{summary[base]['wall_s_median']:.2f} s median "
                         f"(outside F/B/S {100 * summary[base]['outside_share']:.1f}%)")
 
 
