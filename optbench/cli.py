@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 
 from optbench.errors import OptbenchError
-from optbench.models import DEFAULT_MODEL, model_names
+from optbench.models import ALIASES, DEFAULT_MODEL, model_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark AdamW, Lion, Sophia, Schedule-Free and newer optimizers on ViT-Tiny "
@@ -54,7 +54,7 @@ def parse_opt_args(items: list[str]) -> dict[str, Any]:
 
 TRACK_HELP = ("also log live to tensorboard, mlflow or wandb (repeatable; each needs its extra, "
               "e.g. pip install 'optbench[wandb]'; W&B runs offline unless WANDB_MODE=online)")
-MODEL_HELP = (f"the model: {' or '.join(model_names())} (aliases vit_tiny, resnet18), or any timm ViT name "
+MODEL_HELP = (f"the model: {' or '.join(model_names())} (aliases {', '.join(ALIASES)}), or any timm ViT name "
               f"(default: the preset's, {DEFAULT_MODEL})")
 TRACK_URI_HELP = "MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)"
 
@@ -410,7 +410,7 @@ def memory(
                                         "size and classes)"),
     batch_size: Optional[int] = typer.Option(None, help="training batch size (default: the preset's)"),
     image_size: Optional[int] = typer.Option(None, help="input size in pixels (default: the preset's dataset's "
-                                             "without --model, else the model's: 224 for timm ViTs, 32 for resnet18_cifar)"),
+                                             "without --model, else the model's: 224 for timm ViTs, 32 for the CIFAR ResNet-18)"),
     patch_size: Optional[int] = typer.Option(None, help="ViT patch size (default: keeps >= 8x8 patches; 32px -> 4)"),
     num_classes: Optional[int] = typer.Option(None, help="classes of the head (default: the preset's dataset's "
                                               "without --model, else 1000)"),

@@ -200,7 +200,7 @@ def resolve_config(
         if name in settings and (not isinstance(settings[name], str) or not settings[name]):
             raise ConfigError(f"{name} must be a non-empty text, got {settings[name]!r}")
     model = get_model(settings.get("model", DEFAULT_MODEL))  # ConfigError naming the choices
-    settings["model"] = model.name  # aliases (vit_tiny, resnet18) are stored by their registry name
+    settings["model"] = model.name  # an alias is stored by its registry name
     asked = overrides or {}
     check_size_options(model.name, asked.get("patch_size"), asked.get("depth"))
     # A preset's ViT knobs (the smoke preset cuts depth to 4) mean nothing to a model without them.

@@ -66,6 +66,15 @@ def test_no_module_but_the_registry_names_an_optimizer():
     assert not offenders, offenders
 
 
+def test_no_module_but_the_model_registry_names_a_model():
+    from optbench.models import ALIASES, REGISTRY as MODELS
+
+    pattern = re.compile(r"""["'](%s)["']""" % "|".join(map(re.escape, [*MODELS, *ALIASES])))
+    offenders = [f"{p.name}:{i}: {line.strip()}" for p in PACKAGE.glob("*.py") if p.name != "models.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders
+
+
 def test_analysis_and_renderers_import_no_torch():
     code = ("import sys; import optbench.analysis, optbench.render, optbench.report; "
             "print('torch' in sys.modules)")
