@@ -52,6 +52,37 @@ def parse_opt_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+YES_HELP = "start a CIFAR run on a CPU (hours) without asking; the time estimate is still measured and printed"
+
+
+def _stdin_is_tty() -> bool:
+    return sys.stdin.isatty()
+
+
+def confirm_long_run(configs: list, data: Any, yes: bool) -> None:
+    """CIFAR on a CPU runs for hours: time a few real steps per optimizer, print the estimate for the
+    planned runs, and go on only with --yes or a "yes" typed at a terminal. Without a terminal (a script,
+    CI) and without --yes: one line saying to pass --yes, exit 1. Nothing is trained or written before."""
+    from optbench.console import console
+    from optbench.estimate import estimate_plan, needs_confirmation
+
+    long_runs = [c for c in configs if needs_confirmation(c)]
+    if not long_runs:
+        return
+    console.print(f"[dim]{len(long_runs)} CIFAR run(s) on a CPU: timing a few real training steps per optimizer "
+                  "to estimate how long they take...[/dim]", soft_wrap=True)
+    sentence = estimate_plan(long_runs, data).sentence()
+    if yes:
+        console.print(f"{sentence}; starting (--yes)", soft_wrap=True)
+        return
+    if not _stdin_is_tty():
+        fail(f"{sentence}: not started without a terminal to confirm it; pass --yes to start it anyway "
+             "(or use a GPU, or --preset smoke)")
+    console.print(sentence, soft_wrap=True)
+    if not typer.confirm("Start?", default=False, err=True):
+        fail("not started (pass --yes to start without asking)")
+
+
 TRACK_HELP = ("also log live to tensorboard, mlflow or wandb (repeatable; each needs its extra, "
               "e.g. pip install 'optbench[wandb]'; W&B runs offline unless WANDB_MODE=online)")
 MODEL_HELP = (f"the model: {' or '.join(model_names())} (aliases {', '.join(ALIASES)}), or any timm ViT name "
@@ -88,6 +119,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue this run from its checkpoint, if it has one"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config as JSON and stop"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output (warnings and errors only)"),
+    yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
 ) -> None:
@@ -114,7 +146,8 @@ def run(
         make_reporter = reporter_factory(lambda c: RichReporter(optimizer, quiet=quiet),
                                          check_trackers(track, track_uri), track_uri)
         with make_reporter(config) as reporter:
-            record, path = run_experiment(config, reporter, resume=resume)
+            record, path = run_experiment(config, reporter, resume=resume,
+                                          before_training=lambda data: confirm_long_run([config], data, yes))
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     console.print(run_summary(record, path), soft_wrap=True)
@@ -160,12 +193,15 @@ def compare(
                              "written: mean accuracy >= AdamW's), statistical (non-inferiority within --margin, "
                              "95% lower bound) or both"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
 ) -> None:
     """Run every optimizer x seed on one workload (reusing finished runs) and report the comparison."""
-    from optbench.compare import plan_runs, run_comparison
+    from optbench.compare import data_key, plan_runs, run_comparison, runs_to_train
     from optbench.config import margin_fraction, preset_seeds
+    from optbench.data import load_dataset
+    from optbench.estimate import needs_confirmation
     from optbench.console import RichReporter, console, show_report
     from optbench.tracking import check_trackers, reporter_factory
 
@@ -185,7 +221,15 @@ def compare(
             results_dir=results))
         make_reporter = reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=quiet),
                                          check_trackers(track, track_uri), track_uri)
-        records = run_comparison(configs, rerun, make_reporter, lambda text: console.print(text, soft_wrap=True))
+        datasets = {}
+        long_runs = [c for c in runs_to_train(configs, rerun) if needs_confirmation(c)]
+        if long_runs:  # the runs still to train, timed on their data before the first one starts
+            first = long_runs[0]
+            datasets[data_key(first)] = load_dataset(first.dataset, first.data_dir, first.download, first.subset,
+                                                     first.test_subset)
+            confirm_long_run(long_runs, datasets[data_key(first)], yes)
+        records = run_comparison(configs, rerun, make_reporter, lambda text: console.print(text, soft_wrap=True),
+                                 datasets)
         from optbench.report import build_report  # pandas: only once the runs are done, not before the first step
 
         report = build_report(records, Path(results), margin=margin_frac, expected_optimizers=names)

@@ -24,19 +24,26 @@ def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: d
     return [c for c in configs if unique[(c.results_dir, c.config_hash)] is c]
 
 
+def data_key(config: RunConfig) -> tuple:
+    """Runs with equal keys train and evaluate on the same loaded dataset."""
+    return (config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+
+
 def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callable[[RunConfig], Any],
-                   announce: Callable[[str], None]) -> list[dict[str, Any]]:
+                   announce: Callable[[str], None], datasets: dict[tuple, ImageData] | None = None
+                   ) -> list[dict[str, Any]]:
     """Run what has no finished record (ok or diverged) yet, or everything with `rerun`.
 
     A run that was interrupted or killed has no finished record: it continues from its checkpoint, so
     a killed comparison resumes where it stopped; an out-of-memory run is tried again. A run another
-    live process holds is skipped. The dataset is loaded once and shared by all runs. The records read
+    live process holds is skipped. The dataset is loaded once and shared by all runs (`datasets` may
+    hold it already). The records read
     at the start only spare loading data for runs already done; whether a run is trained is decided
     again under its lock (`claim_run`), so a run another process finished meanwhile is reused, not retrained.
     """
     records = []
     trained_seconds: dict[str, list[float]] = {}  # optimizer -> wall-times of its runs trained here
-    datasets: dict[tuple, ImageData] = {}
+    datasets = dict(datasets or {})  # data_key -> dataset already loaded (e.g. to estimate the time)
     finished: dict[str, dict[str, dict[str, Any]]] = {}  # results dir -> config hash -> record, read once
     for i, config in enumerate(configs, 1):
         label = f"[{i}/{len(configs)}] {config.optimizer} seed {config.seed}"
@@ -47,7 +54,7 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
             announce(f"{label}: reusing {existing['_path']} ({existing['status']})")
             records.append(existing)
             continue
-        key = (config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+        key = data_key(config)
         if key not in datasets:
             datasets[key] = load_dataset(config.dataset, config.data_dir, config.download, config.subset,
                                          config.test_subset)
@@ -83,3 +90,17 @@ def remaining_seconds(trained_seconds: dict[str, list[float]], to_train: list[st
     optimizer has run yet."""
     overall = mean(t for times in trained_seconds.values() for t in times)
     return sum(mean(trained_seconds[name]) if name in trained_seconds else overall for name in to_train)
+
+
+def runs_to_train(configs: list[RunConfig], rerun: bool) -> list[RunConfig]:
+    """The configs without a finished record (all with `rerun`): what a comparison will train."""
+    if rerun:
+        return list(configs)
+    finished: dict[str, dict[str, dict[str, Any]]] = {}
+    out = []
+    for config in configs:
+        if config.results_dir not in finished:
+            finished[config.results_dir] = finished_runs(config.results_dir)
+        if config.config_hash not in finished[config.results_dir]:
+            out.append(config)
+    return out

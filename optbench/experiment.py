@@ -190,13 +190,16 @@ def claim_run(config: RunConfig, reuse_finished: bool = True) -> RunClaim:
 
 
 def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | None = None,
-                   resume: bool = False) -> tuple[dict, Any]:
+                   resume: bool = False, before_training: Callable[[ImageData], None] | None = None
+                   ) -> tuple[dict, Any]:
     """Train one run and write its record. Returns (record, record path).
 
     `resume`: continue from this run's checkpoint if there is one (compare always does), and if the run
     has already finished, return its record without training (the record then has "_reused": True).
     `data` may be passed to reuse a dataset already loaded; it is read, never modified. Raises RunBusy
-    if another process holds this run.
+    if another process holds this run. `before_training(data)` is called once the warnings are given and the
+    data is loaded, before anything is built or written (the CLI's estimate and confirmation of a long run);
+    an error it raises ends the run without a record.
     """
     reporter = reporter or _SilentReporter()
     started_at, wall_start = utc_now(), time.perf_counter()
@@ -213,7 +216,8 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     with claim.lock, StopOnSignal(reporter.warn) as stop:
         _tell(reporter, "run_start", config)  # trackers open their run with the resolved config
         try:
-            record, path = _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start, stop)
+            record, path = _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start, stop,
+                                       before_training)
             _tell(reporter, "run_end", record, path)
             return record, path
         except StopRequested:
@@ -256,7 +260,7 @@ def _setup_failure(config: RunConfig, status: str, detail: str, device: torch.de
     return record, write_record(config.results_dir, record)
 
 
-def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start, stop):
+def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start, stop, before_training=None):
     def setup_step_done() -> None:  # set-up is not resumable: a stop during it ends the run before training
         if stop():
             raise StopRequested
@@ -276,6 +280,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     validation = bool(config.validation_fraction)
     if validation:  # a tuning trial: from here on the test split is gone, the validation split is evaluated
         data = holdout_validation(data, config.validation_fraction, config.validation_seed)
+    if before_training is not None:
+        before_training(data)
     data = data.to(device)
     setup_step_done()
     model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)

@@ -7,6 +7,7 @@ import re
 import os
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from optbench.cli import app
@@ -129,3 +130,80 @@ def test_compare_shows_each_runs_eta_and_the_comparisons(tmp_path):
     assert re.search(r"adamw s0 epoch 2: .* ETA \d+s for this run", result.output), result.output
     assert re.search(r"\[1/2\] adamw seed 0: ok, .*; ETA \d+s for the 1 run\(s\) still to train", result.output)
     assert not re.search(r"\[2/2\].*ETA", result.output)  # nothing left to train
+
+
+# --- a long CPU run asks first, with a measured estimate ----------------------------------------------
+
+from tests.test_data import skip_md5_only, write_tiny_cifar  # noqa: E402,F401  (a fixture and a helper)
+
+CIFAR_ARGS = ["--dataset", "cifar10", "--no-download", "--depth", "1", "--epochs", "2", "--batch-size", "8",
+              "--device", "cpu"]
+
+
+def one_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def test_a_cifar_run_on_a_cpu_without_a_terminal_needs_yes(tmp_path, skip_md5_only):
+    write_tiny_cifar(tmp_path / "data", "cifar10")
+    results = tmp_path / "results"
+    result = runner.invoke(app, ["run", "-o", "adamw", *CIFAR_ARGS, "--data-dir", str(tmp_path / "data"),
+                                 "--results-dir", str(results), "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = one_line(result.output)
+    assert "pass --yes" in line and re.search(r"estimated \d+s for 1 run\(s\) of 26 training steps", line), line
+    assert "adamw" in line and "s/step" in line
+    assert not list(results.glob("*.json")), "nothing may be trained or written before the confirmation"
+
+    result = runner.invoke(app, ["run", "-o", "adamw", *CIFAR_ARGS, "--data-dir", str(tmp_path / "data"),
+                                 "--results-dir", str(results), "--quiet", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "starting (--yes)" in result.output and len(list(results.glob("*.json"))) == 1
+
+
+def test_at_a_terminal_the_answer_decides(tmp_path, skip_md5_only, monkeypatch):
+    import optbench.cli as cli
+
+    monkeypatch.setattr(cli, "_stdin_is_tty", lambda: True)
+    write_tiny_cifar(tmp_path / "data", "cifar10")
+    results = tmp_path / "results"
+    args = ["compare", "--optimizers", "adamw,sophia", *CIFAR_ARGS, "--data-dir", str(tmp_path / "data"),
+            "--results-dir", str(results), "--quiet"]
+    result = runner.invoke(app, args, input="n\n")
+    assert result.exit_code == 1 and "not started" in result.output, result.output
+    assert "estimated" in result.output and "2 run(s) of 52 training steps" in result.output
+    assert not list(results.glob("*.json"))
+    result = runner.invoke(app, args, input="y\n")
+    assert result.exit_code == 0, result.output
+    assert len(list(results.glob("*.json"))) == 2
+    # Everything already trained: nothing to estimate, nothing asked.
+    monkeypatch.setattr(cli, "_stdin_is_tty", lambda: False)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "estimated" not in again.output, again.output
+
+
+def test_the_estimate_times_real_steps_with_sophias_hessian_at_its_cadence(tmp_path, skip_md5_only):
+    from optbench.compare import plan_runs
+    from optbench.data import load_dataset
+    from optbench.estimate import estimate_plan
+
+    write_tiny_cifar(tmp_path / "data", "cifar10")
+    configs = plan_runs("cifar10", ["adamw", "sophia"], [0, 1], {
+        "dataset": "cifar10", "depth": 1, "epochs": 3, "batch_size": 8, "device": "cpu", "download": False,
+        "data_dir": str(tmp_path / "data"), "results_dir": str(tmp_path / "r")})
+    data = load_dataset("cifar10", tmp_path / "data", False)
+    estimate = estimate_plan(configs, data)
+    assert estimate.runs == 4 and estimate.steps == 4 * 3 * 13  # 100 images at batch 8: 13 steps an epoch
+    adamw, sophia = estimate.paces["adamw"], estimate.paces["sophia"]
+    assert adamw.timed_steps == 2 and adamw.hessian_steps_timed == 0
+    # Two plain steps and one Hessian step, weighted 1/update_period as in training: Sophia's pace lies
+    # between its plain and its Hessian steps.
+    assert sophia.timed_steps == 3 and sophia.hessian_steps_timed == 1
+    period = configs[1].hparams["update_period"]
+    assert sophia.seconds_per_step == pytest.approx(sophia.plain_step_s * (period - 1) / period
+                                                    + sophia.hessian_step_s / period)
+    assert adamw.hessian_step_s is None and adamw.seconds_per_step == pytest.approx(adamw.plain_step_s)
+    expected = sum(3 * 13 * p.seconds_per_step + 3 * p.eval_seconds_per_epoch for p in (adamw, sophia)) * 2
+    assert estimate.seconds == pytest.approx(expected) and estimate.seconds > 0

@@ -1,0 +1,128 @@
+"""How long planned runs will take on this machine, from a few real training steps timed here.
+
+Used before a long CPU run starts (CIFAR on a CPU: hours), so the user can decide knowing the cost.
+Per optimizer in the plan: the run's own model, optimizer, batch size, precision and data; one untimed
+step (lazy optimizer state, first-call overheads), then two timed plain steps and, for an optimizer with
+Hessian steps (Sophia), one timed Hessian step, weighted 1/update_period as in training. A small
+evaluation batch is timed and scaled to the test split. The planned steps and evaluations of every run
+are then multiplied out. Each step is a real step (on a loaded 2-core CPU, ViT-Tiny at batch 128 takes
+seconds per step), so the estimate itself takes a minute or more there; it is small beside the hours.
+Set-up (data loading, memory probe, FLOP count) is not included. Random streams are left as they were.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from statistics import mean
+
+import torch
+
+from optbench.config import RunConfig, resolved_warmup_steps
+from optbench.data import ImageData, steps_per_epoch, train_batches
+from optbench.models import build_model
+from optbench.optimizers import BuildContext, get_entry
+from optbench.train import autocast_for, training_step
+
+LONG_ON_CPU = ("cifar10", "cifar100")  # datasets whose full runs take hours on a CPU
+EVAL_IMAGES_TIMED = 64
+
+
+def needs_confirmation(config: RunConfig) -> bool:
+    """A CIFAR run on a CPU: it runs for hours, so it is started only when confirmed (or with --yes)."""
+    return config.device == "cpu" and config.dataset in LONG_ON_CPU
+
+
+@dataclass
+class OptimizerPace:
+    seconds_per_step: float  # amortised: Hessian steps weighted at their cadence
+    timed_steps: int
+    hessian_steps_timed: int
+    eval_seconds_per_epoch: float
+    plain_step_s: float  # mean of the timed plain steps
+    hessian_step_s: float | None  # mean of the timed Hessian steps (None: the optimizer has none)
+
+
+@dataclass
+class PlanEstimate:
+    runs: int
+    steps: int  # training steps planned over all runs
+    seconds: float
+    paces: dict[str, OptimizerPace] = field(default_factory=dict)
+
+    def sentence(self) -> str:
+        from optbench.console import duration_text
+
+        paces = "; ".join(f"{name} {p.seconds_per_step:.2f} s/step" for name, p in self.paces.items())
+        return (f"estimated {duration_text(self.seconds)} for {self.runs} run(s) of {self.steps:,} training steps "
+                f"in all on this CPU, from steps timed here ({paces}; evaluation included, set-up not)")
+
+
+def _pace(config: RunConfig, data: ImageData, plain_steps: int) -> OptimizerPace:
+    entry = get_entry(config.optimizer)
+    device = torch.device(config.device)
+    model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
+    total = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
+    context = BuildContext(device_type=device.type, total_steps=total,
+                           warmup_steps=resolved_warmup_steps(config.warmup_steps, total))
+    optimizer = entry.make(model, config.hparams, context).optimizer
+    amp = autocast_for(device, config.precision)
+    model.train()
+    entry.train_mode(optimizer)
+    batches = _endless_batches(data, config)
+    times: dict[bool, list[float]] = {False: [], True: []}  # Hessian step? -> seconds
+
+    def step(timed: bool) -> None:
+        x, y = next(batches)
+        hessian = entry.hessian_due(optimizer)
+        start = time.perf_counter()
+        training_step(model, optimizer, entry, x, y, amp, hessian)
+        if timed:
+            times[hessian].append(time.perf_counter() - start)
+
+    step(timed=False)  # lazy optimizer state and first-call overheads
+    while len(times[False]) < plain_steps:
+        step(timed=True)
+    period = config.hparams.get("update_period")  # Hessian steps come every `update_period` steps
+    if entry.force_hessian_next is not None and isinstance(period, int) and period >= 1:
+        if not times[True]:
+            entry.force_hessian_next(optimizer)
+            step(timed=True)
+        per_step = mean(times[False]) * (period - 1) / period + mean(times[True]) / period
+    else:
+        per_step = mean(times[False] + times[True])
+    entry.eval_mode(optimizer)
+    model.eval()
+    # Evaluation is forward only and linear in the images: one small batch, scaled to the test split.
+    eval_batch = data.test_x[:min(EVAL_IMAGES_TIMED, config.eval_batch_size, data.test_x.shape[0])]
+    start = time.perf_counter()
+    with torch.inference_mode(), amp:
+        model(data.normalize(eval_batch))
+    eval_epoch = (time.perf_counter() - start) * data.test_x.shape[0] / eval_batch.shape[0]
+    return OptimizerPace(per_step, len(times[False]) + len(times[True]), len(times[True]), eval_epoch,
+                         mean(times[False]), mean(times[True]) if times[True] else None)
+
+
+def _endless_batches(data: ImageData, config: RunConfig):
+    epoch = 1
+    while True:
+        yield from train_batches(data, config.batch_size, config.seed, epoch, config.augment)
+        epoch += 1
+
+
+def estimate_plan(configs: list[RunConfig], data: ImageData, plain_steps: int = 2) -> PlanEstimate:
+    """Time a few real steps per optimizer of `configs` (all on one dataset, `data`) and extrapolate to
+    every run's planned steps and evaluations."""
+    data = data.to(torch.device(configs[0].device))
+    paces: dict[str, OptimizerPace] = {}
+    with torch.random.fork_rng(devices=[]):  # timing must not move the runs' random streams
+        for config in configs:
+            if config.optimizer not in paces:
+                paces[config.optimizer] = _pace(config, data, plain_steps)
+    steps = seconds = 0.0
+    for config in configs:
+        run_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
+        pace = paces[config.optimizer]
+        steps += run_steps
+        seconds += run_steps * pace.seconds_per_step + config.epochs * pace.eval_seconds_per_epoch
+    return PlanEstimate(len(configs), int(steps), seconds, paces)
