@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 from optbench.errors import ConfigError
-from optbench.optimizers import COURSE_SET, BuildContext, Built, get_entry
+from optbench.optimizers import BASELINE, COURSE_SET, BuildContext, Built, get_entry
 from optbench.settings import find_settings_file, toy_file
 
 REFERENCE = "sgd"  # not benchmarked: plain SGD with momentum, for scale
 REFERENCE_TITLE = "SGD+momentum (ref.)"
+APPENDIX = "appendix_adam"  # the course appendix's Adam, written by hand in NumPy (a reference path)
+APPENDIX_TITLE = "Adam by hand (course appendix, NumPy)"
 
 
 # --- Objectives ------------------------------------------------------------------------------------
@@ -85,6 +87,7 @@ class ToySettings:
     lr: dict[str, float]  # per contender; an optimizer without one races at its own default lr
     seed: int
     reference: dict[str, Any]  # SGD's hyperparameters other than lr
+    appendix: dict[str, Any] | None = None  # the appendix Adam's betas and eps, on its function only
 
 
 def _positive_number(value: Any) -> bool:
@@ -127,16 +130,22 @@ def toy_settings(function: str) -> ToySettings:
     for key, value in lrs.items():
         if not _positive_number(value):
             raise ConfigError(f"{where}: {function}.lr.{key} must be a positive number")
-    seed = data.get("seed", 0)
+    seed = spec.get("seed", data.get("seed", 0))  # the function's own seed, else the file's
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ConfigError(f"{where}: seed must be a whole number in [0, 2**31)")
+    appendix = data.get("appendix_adam")
+    if appendix is not None:
+        betas, eps = (appendix.get("betas"), appendix.get("eps")) if isinstance(appendix, dict) else (None, None)
+        if _pair(betas) is None or not all(0 <= b < 1 for b in betas) or not _positive_number(eps):
+            raise ConfigError(f"{where}: appendix_adam needs betas: [b1, b2] in [0, 1) and a positive eps")
+        appendix = ({"betas": _pair(betas), "eps": float(eps)} if appendix.get("function") == function else None)
     reference = data.get("reference") or {}
     momentum = reference.get("momentum") if isinstance(reference, dict) else None
     if (not isinstance(reference, dict) or set(reference) != {"momentum"} or isinstance(momentum, bool)
             or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1):
         raise ConfigError(f"{where}: reference must be {{momentum: M}} with M in [0, 1), SGD's momentum")
     return ToySettings(start, steps, float(threshold), (xs, ys), {k: float(v) for k, v in lrs.items()},
-                       seed, dict(reference))
+                       seed, dict(reference), appendix)
 
 
 def parse_start(text: str) -> tuple[float, float]:
@@ -311,6 +320,69 @@ def race(contender: Contender, objective: Objective, start: tuple[float, float],
                   np.array(losses), hessian_steps, diverged_at, contender.averaged)
 
 
+# --- The course appendix's reference: Adam written by hand in NumPy ---------------------------------
+# The appendix's own code for the function and its gradient (Clase 114, "Apéndice: notebook"), verbatim,
+# and Adam's update as the course writes it (lecture 4-3, Algorithm 2 with no weight decay). No torch:
+# this path checks the libraries' Adam against the rule on paper.
+
+
+def rosen(w):
+    x, y = w
+    return (1 - x)**2 + 100 * (y - x**2)**2
+
+
+def rosen_grad(w):
+    x, y = w
+    dx = -2*(1 - x) - 400*x*(y - x**2)
+    dy = 200*(y - x**2)
+    return np.array([dx, dy])
+
+
+def appendix_adam_step(w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, t: int, lr: float,
+                       beta1: float, beta2: float, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step t (from 1) of Adam: returns the new point and moments."""
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g**2
+    m_hat = m / (1 - beta1**t)
+    v_hat = v / (1 - beta2**t)
+    return w - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
+
+
+def appendix_adam_run(start: tuple[float, float], steps: int, lr: float, betas: tuple[float, float], eps: float,
+                      seed: int) -> ToyRun:
+    """The appendix's Adam on its Rosenbrock from `start`, in float64 NumPy."""
+    np.random.seed(seed)  # as the appendix does; this Adam draws no random numbers
+    w = np.array(start, dtype=np.float64)
+    m, v = np.zeros(2), np.zeros(2)
+    points, losses, diverged_at = [w.copy()], [float(rosen(w))], None
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(1, steps + 1):
+            w, m, v = appendix_adam_step(w, rosen_grad(w), m, v, t, lr, betas[0], betas[1], eps)
+            points.append(w.copy())
+            losses.append(float(rosen(w)))
+            if not math.isfinite(losses[-1]):
+                diverged_at = t
+                break
+    hparams = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0}
+    return ToyRun(APPENDIX, APPENDIX_TITLE, hparams, {"class": "NumPy, the course appendix's Adam update"},
+                  np.stack(points), np.array(losses), 0, diverged_at)
+
+
+def appendix_agreement(result: "ToyResult") -> float | None:
+    """Largest distance, over the steps both ran, between the appendix's hand-written Adam and the baseline
+    (torch's AdamW, here at weight decay 0 and the same lr, betas and eps: Adam's rule exactly)."""
+    try:
+        ours, torch_run = result.run(APPENDIX), result.run(BASELINE)
+    except StopIteration:
+        return None
+    same = all(ours.hparams[k] == (tuple(torch_run.hparams[k]) if k == "betas" else torch_run.hparams[k])
+               for k in ("lr", "betas", "eps", "weight_decay"))
+    if not same:
+        return None
+    n = min(len(ours.points), len(torch_run.points))
+    return float(np.abs(ours.points[:n] - torch_run.points[:n]).max())
+
+
 def run_toy(function: str = "rosenbrock", steps: int | None = None, start: tuple[float, float] | None = None,
             seed: int | None = None, optimizers: list[str] | None = None) -> ToyResult:
     """Race every benchmarked optimizer and the SGD reference on one function from one start.
@@ -329,6 +401,9 @@ def run_toy(function: str = "rosenbrock", steps: int | None = None, start: tuple
     if start_point is None:
         raise ConfigError(f"--start must be two finite numbers, got {start!r}")
     runs = [race(c, objective, start_point, steps, seed) for c in contenders(settings, steps, optimizers)]
+    if settings.appendix is not None:
+        runs.append(appendix_adam_run(start_point, steps, settings.lr[BASELINE], settings.appendix["betas"],
+                                      settings.appendix["eps"], seed))
     return ToyResult(objective, start_point, steps, seed, settings.loss_threshold, settings.view, runs)
 
 
@@ -368,6 +443,15 @@ def run_notes(result: ToyResult) -> list[str]:
                  "again); 'never' if no step reached it.")
     lines.append("Schedule-Free AdamW: its path, losses and final point are the averaged point x (read in eval "
                  "mode); its gradients are taken at another point, y.")
+    if any(r.key == APPENDIX for r in result.runs):
+        lines.append(f"{APPENDIX_TITLE}: the course appendix's comparison path, its rosen_grad and Adam's update "
+                     "as the course writes it (m, v moving averages, bias correction, w -= lr m_hat / "
+                     f"(sqrt(v_hat) + eps)), np.random.seed({result.seed}) as in the appendix; its start point "
+                     "is not in the appendix, so the toy's is used.")
+        gap = appendix_agreement(result)
+        if gap is not None:
+            lines.append(f"  It and torch's AdamW at weight decay 0 (the same rule) stay within {gap:.1e} of each "
+                         "other at every step: the library does what the course's formula says.")
     return lines
 
 
@@ -407,11 +491,15 @@ def summary_table(result: ToyResult):
 
 
 __all__ = [
+    "APPENDIX",
     "OBJECTIVES",
     "Contender",
     "Objective",
     "ToyResult",
     "ToyRun",
+    "appendix_adam_run",
+    "appendix_adam_step",
+    "appendix_agreement",
     "contenders",
     "get_objective",
     "parse_start",

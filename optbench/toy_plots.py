@@ -15,10 +15,12 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import LogLocator  # noqa: E402
 
 from optbench.optimizers import color_of  # noqa: E402
-from optbench.toy import REFERENCE, ToyResult, ToyRun  # noqa: E402
+from optbench.toy import APPENDIX, REFERENCE, ToyResult, ToyRun  # noqa: E402
 
 # One look per optimizer, the same in both figures. The reference is grey and dashed: it is not benchmarked.
 REFERENCE_STYLE = {"color": "0.35", "marker": "v", "linestyle": "--"}
+# The appendix's hand-written Adam lies on torch's AdamW path: dotted and black, so both stay visible.
+APPENDIX_STYLE = {"color": "black", "marker": "+", "linestyle": ":"}
 MARKERS = ("o", "^", "s", "D", "P", "X", "*", "h", "<", ">")
 
 
@@ -26,6 +28,8 @@ def _style(run: ToyRun, index: int) -> dict[str, str]:
     """The optimizer's registry colour; a marker by position; the reference grey and dashed."""
     if run.key == REFERENCE:
         return REFERENCE_STYLE
+    if run.key == APPENDIX:
+        return APPENDIX_STYLE
     return {"color": color_of(run.key), "marker": MARKERS[index % len(MARKERS)], "linestyle": "-"}
 MARKERS_PER_PATH = 15
 

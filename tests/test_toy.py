@@ -4,6 +4,7 @@ clear line, and the figures are written."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from typer.testing import CliRunner
 
 from optbench.cli import app
 from optbench.optimizers import COURSE_SET
-from optbench.toy import REFERENCE, rosenbrock, rotated_quadratic, run_toy, toy_settings
+from optbench.toy import (APPENDIX, REFERENCE, appendix_adam_run, appendix_agreement, rosen_grad, rosenbrock,
+                          rotated_quadratic, run_toy, toy_settings)
 
 STEPS = 60  # six Sophia Hessian estimates at update_period 10; a fraction of a second per optimizer
 SEED = 3
@@ -119,9 +121,9 @@ def test_rerun_gives_identical_numbers(rosenbrock_run):
 
 def test_toy_uses_the_lr_table_no_weight_decay_and_the_course_values_otherwise(rosenbrock_run):
     settings = toy_settings("rosenbrock")
-    assert [r.key for r in rosenbrock_run.runs] == [*COURSE_SET, REFERENCE]
+    assert [r.key for r in rosenbrock_run.runs] == [*COURSE_SET, REFERENCE, APPENDIX]
     for run in rosenbrock_run.runs:
-        assert run.hparams["lr"] == settings.lr[run.key]
+        assert run.hparams["lr"] == settings.lr["adamw" if run.key == APPENDIX else run.key]
         assert run.hparams["weight_decay"] == 0.0
     assert rosenbrock_run.run("sophia").hparams["p"] == 0.01  # configs/optimizers/sophia.yaml
     assert rosenbrock_run.run("lion").implementation["decoupled_weight_decay"] is False  # built by the registry
@@ -213,3 +215,68 @@ def test_a_diverging_run_stops_and_is_reported(tmp_path):
     console.print(summary_table(result))
     assert f"diverged at step {run.diverged_at}" in console.export_text()
     assert all(p.stat().st_size > 0 for p in save_toy_plots(result, tmp_path))
+
+
+# --- (5) the course appendix's Adam, by hand in NumPy ------------------------------------------------------
+
+
+def test_the_appendix_seed_and_start_are_the_rosenbrock_defaults():
+    settings = toy_settings("rosenbrock")
+    assert settings.seed == 42  # the appendix's np.random.seed(42)
+    assert settings.start == (-1.2, 1.0)
+    assert settings.appendix == {"betas": (0.9, 0.999), "eps": 1e-8}
+    assert toy_settings("quadratic").appendix is None  # the appendix is about Rosenbrock only
+    assert APPENDIX not in [r.key for r in run_toy("quadratic", steps=3, optimizers=["adamw"]).runs]
+
+
+def test_the_appendix_adam_follows_its_update_rule_computed_by_hand():
+    lr, b1, b2, eps = 0.3, 0.9, 0.999, 1e-8
+    run = appendix_adam_run((-1.2, 1.0), 2, lr, (b1, b2), eps, seed=42)
+    # Step 1 at (-1.2, 1): f' = (-2(2.2) - 400(-1.2)(1 - 1.44), 200(1 - 1.44)) = (-215.6, -88). After bias
+    # correction m_hat = g and v_hat = g^2, so each coordinate moves by lr * g / (|g| + eps): +0.3 each.
+    g1 = np.array([-215.6, -88.0])
+    np.testing.assert_allclose(rosen_grad(np.array([-1.2, 1.0])), g1, rtol=1e-14)
+    np.testing.assert_allclose(run.points[1], [-1.2 + lr * 215.6 / (215.6 + eps), 1.0 + lr * 88 / (88 + eps)],
+                               rtol=0, atol=1e-15)
+    np.testing.assert_allclose(run.points[1], [-0.9, 1.3], rtol=0, atol=1e-9)
+    # Step 2 at (-0.9, 1.3): f' = (-3.8 + 360 * 0.49, 200 * 0.49) = (172.6, 98).
+    x, y = run.points[1]
+    g2 = np.array([-2 * (1 - x) - 400 * x * (y - x * x), 200 * (y - x * x)])
+    np.testing.assert_allclose(g2, [172.6, 98.0], rtol=1e-9)
+    m = b1 * (1 - b1) * g1 + (1 - b1) * g2  # m_1 = (1 - b1) g1
+    v = b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2
+    expected = run.points[1] - lr * (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + eps)
+    np.testing.assert_allclose(run.points[2], expected, rtol=0, atol=1e-15)
+    # On paper: m = (-2.144, 1.88), v = (76.2276, 17.3403); m_hat = m / 0.19, v_hat = v / 0.001999, so
+    # x = -0.9 - 0.3 (-11.2842 / 195.276) = -0.882664 and y = 1.3 - 0.3 (9.89474 / 93.1368) = 1.268128.
+    np.testing.assert_allclose(run.points[2], [-0.882664, 1.268128], rtol=0, atol=2e-6)
+    assert run.losses[2] == pytest.approx((1 - run.points[2][0])**2 + 100 * (run.points[2][1] - run.points[2][0]**2)**2)
+
+
+@pytest.mark.parametrize("torch_class", [torch.optim.Adam, torch.optim.AdamW])
+def test_torchs_adam_path_agrees_with_the_appendix_adam_to_float_precision(torch_class):
+    steps, lr = 300, 0.3
+    ours = appendix_adam_run((-1.2, 1.0), steps, lr, (0.9, 0.999), 1e-8, seed=42)
+    point = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    opt = torch_class([point], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    path = [point.detach().numpy().copy()]
+    for _ in range(steps):
+        rosenbrock(point).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        path.append(point.detach().numpy().copy())
+    np.testing.assert_allclose(np.array(path), ours.points, rtol=0, atol=1e-12)
+    assert np.abs(ours.points[-1] - ours.points[0]).max() > 1  # it travelled: the agreement means something
+
+
+def test_the_toy_prints_how_close_the_library_adamw_stays_to_the_appendix(rosenbrock_run, tmp_path):
+    gap = appendix_agreement(rosenbrock_run)
+    assert gap is not None and gap < 1e-12
+    other = run_toy("rosenbrock", steps=STEPS, seed=SEED, optimizers=["lion"])  # no AdamW to compare with
+    assert appendix_agreement(other) is None
+    result = CliRunner().invoke(app, ["toy", "--steps", "30", "--optimizers", "adamw", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Seed 42" in text and "np.random.seed(42)" in text
+    assert re.search(r"stay within \d\.\de-1[2-9] of each other at every step", text), text
+    assert "Adam by hand" in text
