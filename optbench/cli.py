@@ -40,14 +40,15 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def parse_opt_args(items: list[str]) -> dict[str, Any]:
+def parse_opt_args(items: list[str], option: str = "--opt") -> dict[str, Any]:
     from optbench.config import parse_value
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            fail(f"--opt expects KEY=VALUE (e.g. --opt p=0.02), got '{item}'")
+            example = "--opt p=0.02" if option == "--opt" else f"{option} account=mylab"
+            fail(f"{option} expects KEY=VALUE (e.g. {example}), got '{item}'")
         out[key.strip()] = parse_value(value)
     return out
 
@@ -88,6 +89,13 @@ TRACK_HELP = ("also log live to tensorboard, mlflow or wandb (repeatable; each n
 MODEL_HELP = (f"the model: {' or '.join(model_names())} (aliases {', '.join(ALIASES)}), or any timm ViT name "
               f"(default: the preset's, {DEFAULT_MODEL})")
 TRACK_URI_HELP = "MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)"
+THREADS_HELP = ("torch CPU threads per run; part of the run's identity, since they change the numbers "
+                "(default: this process's count; with --workers N on a CPU, cores/N)")
+EXECUTOR_HELP = ("where runs execute: local (this process, or --workers N processes), slurm (one submitit job "
+                 "array; settings from cluster.yaml's slurm section and the --slurm-* options) or "
+                 "submitit-local (the same submission and requeue machinery as local processes)")
+WORKERS_HELP = ("worker processes (local: on this machine, one GPU each when there are several; slurm: array "
+                "tasks, default one per run to do)")
 
 
 def run_overrides(**kwargs: Any) -> dict[str, Any]:
@@ -113,6 +121,7 @@ def run(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets (default ./data)"),
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
     results_dir: Optional[str] = typer.Option(None, help="where run records go (default results/PRESET)"),
@@ -138,7 +147,8 @@ def run(
         config = resolve_config(optimizer, preset, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, seed=seed, subset=subset,
             test_subset=test_subset, model=model, depth=depth, device=device, precision=precision, compile=compile,
-            data_dir=data_dir, download=download, results_dir=results_dir or f"results/{preset}"), hparams)
+            threads=threads, data_dir=data_dir, download=download, results_dir=results_dir or f"results/{preset}"),
+            hparams)
         if dry_run:
             config = resolve_runtime(config)
             typer.echo(json.dumps({"config_hash": config.config_hash, **config.to_dict()}, indent=2))
@@ -196,13 +206,26 @@ def compare(
     yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    executor: str = typer.Option("local", help=EXECUTOR_HELP),
+    workers: int = typer.Option(1, help=WORKERS_HELP),
+    slurm_partition: Optional[str] = typer.Option(None, help="SLURM partition (default: cluster.yaml's)"),
+    slurm_gpus_per_task: Optional[int] = typer.Option(None, help="GPUs per array task (default 1)"),
+    slurm_cpus_per_task: Optional[int] = typer.Option(None, help="CPUs per array task, also each run's threads"),
+    slurm_time_min: Optional[int] = typer.Option(None, help="time limit per task in minutes; a task reaching it "
+                                                  "saves its run's checkpoint and is requeued (default 60)"),
+    slurm_array_parallelism: Optional[int] = typer.Option(None, help="array tasks running at once (default 16)"),
+    slurm_sbatch: list[str] = typer.Option([], "--slurm-sbatch", help="extra sbatch setting KEY=VALUE, e.g. "
+                                           "account=mylab (repeatable)"),
 ) -> None:
     """Run every optimizer x seed on one workload (reusing finished runs) and report the comparison."""
-    from optbench.compare import data_key, plan_runs, run_comparison, runs_to_train
+    from optbench.compare import data_key, plan_runs, runs_to_train
     from optbench.config import margin_fraction, preset_seeds
     from optbench.data import load_dataset
     from optbench.estimate import needs_confirmation
     from optbench.console import RichReporter, console, show_report
+    from optbench.executors import ExecutorSpec, Grid, execute, plan_threads, slurm_spec
+    from optbench.records import utc_now
     from optbench.tracking import check_trackers, reporter_factory
 
     from optbench.optimizers import select
@@ -215,28 +238,37 @@ def compare(
             fail("--seeds must be whole numbers in [0, 2**31)")
         margin_frac = margin_fraction(margin)
         _check_rule(rule)
+        spec = ExecutorSpec(executor, workers, slurm_spec(executor, dict(
+            partition=slurm_partition, gpus_per_task=slurm_gpus_per_task, cpus_per_task=slurm_cpus_per_task,
+            time_min=slurm_time_min, array_parallelism=slurm_array_parallelism,
+            sbatch=tuple(parse_opt_args(slurm_sbatch, "--slurm-sbatch").items()))))
+        spec.check()
+        since = utc_now()
         configs = plan_runs(preset, names, seed_list, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
             model=model, depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
-            results_dir=results))
+            results_dir=results, threads=plan_threads(spec, threads)), elsewhere=spec.kind == "slurm",
+            target_device=spec.target_device(device))
+        trackers = check_trackers(track, track_uri)
         make_reporter = reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=quiet),
-                                         check_trackers(track, track_uri), track_uri)
+                                         trackers, track_uri)
         datasets = {}
-        long_runs = [c for c in runs_to_train(configs, rerun) if needs_confirmation(c)]
+        long_runs = [c for c in runs_to_train(configs, rerun) if needs_confirmation(c) and spec.kind != "slurm"]
         if long_runs:  # the runs still to train, timed on their data before the first one starts
             first = long_runs[0]
             datasets[data_key(first)] = load_dataset(first.dataset, first.data_dir, first.download, first.subset,
                                                      first.test_subset)
             confirm_long_run(long_runs, datasets[data_key(first)], yes)
-        records = run_comparison(configs, rerun, make_reporter, lambda text: console.print(text, soft_wrap=True),
-                                 datasets)
+        records, interrupted = execute(Grid(tuple(configs), rerun, since, tuple(trackers), track_uri), spec,
+                                       make_reporter, lambda text: console.print(text, soft_wrap=True), quiet,
+                                       datasets)
         from optbench.report import build_report  # pandas: only once the runs are done, not before the first step
 
         report = build_report(records, Path(results), margin=margin_frac, expected_optimizers=names)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     show_report(report)
-    if any(r["status"] == "interrupted" for r in records):
+    if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     _enforce_strict(report, strict, rule)
 

@@ -10,14 +10,18 @@ from optbench.config import RunConfig, resolve_config
 from optbench.console import duration_text
 from optbench.data import ImageData, load_dataset
 from optbench.experiment import RunBusy, resolve_runtime, run_experiment
-from optbench.records import finished_runs
+from optbench.records import find_finished, finished_runs
 
 
 def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: dict[str, Any],
-              hparams: dict[str, dict[str, Any]] | None = None) -> list[RunConfig]:
+              hparams: dict[str, dict[str, Any]] | None = None, elsewhere: bool = False,
+              target_device: str | None = None) -> list[RunConfig]:
     """One resolved config per (optimizer, seed): same workload, each optimizer's own hyperparameters
-    (its defaults, or `hparams[optimizer]` over them: the settings `tune` chose)."""
-    configs = [resolve_runtime(resolve_config(opt, preset, {**overrides, "seed": seed}, (hparams or {}).get(opt)))
+    (its defaults, or `hparams[optimizer]` over them: the settings `tune` chose). `elsewhere`: the runs
+    execute on other machines (SLURM), so device and precision are resolved for `target_device`, not
+    for this one."""
+    configs = [resolve_runtime(resolve_config(opt, preset, {**overrides, "seed": seed}, (hparams or {}).get(opt)),
+                               target_device if elsewhere else None)
                for seed in seeds for opt in optimizers]
     # `--optimizers adamw,adamw` or `--seeds 0,0` name one run twice: it is one run, trained once, counted once.
     unique = {(c.results_dir, c.config_hash): c for c in reversed(configs)}
@@ -61,7 +65,9 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
         started = time.perf_counter()
         try:
             with make_reporter(config) as reporter:
-                record, path = run_experiment(config, reporter, data=datasets[key], resume=not rerun)
+                record, path = run_experiment(
+                    config, reporter, data=datasets[key], resume=not rerun,
+                    settled=None if rerun else lambda: find_finished(config.results_dir, config.config_hash))
         except RunBusy as exc:
             announce(f"{label}: skipped, {exc}")
             continue

@@ -51,6 +51,10 @@ class RunConfig:
     precision: str = "auto"
     compile: bool = False
     memory_probe: bool = True
+    # torch intra-op CPU threads: they change the floating-point reduction order and so the numbers
+    # (same config, 1 vs 2 threads: different weights), so they are part of the identity. None: the
+    # process's count, fixed by resolve_runtime before the config is hashed.
+    threads: int | None = None
     # > 0: train on the training split minus a fixed class-balanced validation split of this share
     # (drawn with validation_seed) and evaluate on it; the test split is then never read (tuning trials).
     validation_fraction: float = 0.0
@@ -108,7 +112,7 @@ def parse_value(text: str) -> Any:
 
 _INT_FIELDS = {"epochs": 1, "batch_size": 1, "eval_batch_size": 1, "seed": 0, "warmup_steps": 0, "log_every": 1,
                "validation_seed": 0}
-_OPTIONAL_INT_FIELDS = {"subset": 1, "test_subset": 1, "patch_size": 1, "depth": 1}
+_OPTIONAL_INT_FIELDS = {"subset": 1, "test_subset": 1, "patch_size": 1, "depth": 1, "threads": 1}
 
 
 MAX_INT = 2**31 - 1  # seeds and sizes beyond this overflow torch's generators or make no sense

@@ -43,16 +43,25 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def resolve_runtime(config: RunConfig) -> RunConfig:
-    """Fix 'auto' device, precision and patch size to what will run (they are part of the run's identity)."""
+def resolve_runtime(config: RunConfig, elsewhere_on: str | None = None) -> RunConfig:
+    """Fix 'auto' device, precision, patch size and thread count to what will run (they are part of the
+    run's identity).
+
+    `elsewhere_on` ('cuda' or 'cpu'): the run executes on another machine (a SLURM node) with that
+    device, so this machine's devices are not asked; 'auto' precision on CUDA is then bf16 (Ampere or
+    later: pass --precision fp32 for older GPUs)."""
+    threads = config.threads or torch.get_num_threads()
+    # The patch a run uses is part of what ran: the record and its hash say 4, not "auto" (null).
+    patch = resolve_patch_size(config.model, SPECS[config.dataset], config.patch_size)
+    if elsewhere_on is not None:
+        precision = config.precision if config.precision != "auto" else ("bf16" if elsewhere_on == "cuda" else "fp32")
+        return with_runtime(config, device=elsewhere_on, precision=precision, patch_size=patch, threads=threads)
     device = resolve_device(config.device)
     precision = config.precision
     if precision == "auto":  # bf16 where the GPU has it natively (Ampere and later), else fp32
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) \
             else "fp32"
-    # The patch a run uses is part of what ran: the record and its hash say 4, not "auto" (null).
-    patch = resolve_patch_size(config.model, SPECS[config.dataset], config.patch_size)
-    return with_runtime(config, device=device.type, precision=precision, patch_size=patch)
+    return with_runtime(config, device=device.type, precision=precision, patch_size=patch, threads=threads)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -158,14 +167,16 @@ class RunClaim:
     finished: dict[str, Any] | None = None
 
 
-def claim_run(config: RunConfig, reuse_finished: bool = True) -> RunClaim:
+def claim_run(config: RunConfig, reuse_finished: bool = True,
+              settled: Callable[[], dict[str, Any] | None] | None = None) -> RunClaim:
     """Claim one run for this process: take its lock, then look for a finished record again, under the lock.
 
     The one place that decides "train it or not". A look before the lock is only a shortcut: another
     process may finish the run between that look and the lock, so the look that counts is this one,
     made while no other process can start or finish the run. With `reuse_finished` a finished record
     (ok or diverged) is returned instead of the lock, and a checkpoint left beside it is removed (the
-    record is the result). Raises RunBusy if another live process holds the run.
+    record is the result). Raises RunBusy if another live process holds the run. `settled` replaces
+    the look for a finished record (see run_experiment).
     """
     lock = acquire_run_lock(config.results_dir, config.config_hash)
     if lock is None:
@@ -174,8 +185,8 @@ def claim_run(config: RunConfig, reuse_finished: bool = True) -> RunClaim:
     if not reuse_finished:
         return RunClaim(lock)
     try:
-        finished = find_finished(config.results_dir, config.config_hash)
-        if finished is not None:
+        finished = settled() if settled is not None else find_finished(config.results_dir, config.config_hash)
+        if finished is not None and finished["status"] in ("ok", "diverged"):
             leftover = checkpoint_path(config.results_dir, config.config_hash)
             if leftover.exists():
                 leftover.unlink()
@@ -190,8 +201,8 @@ def claim_run(config: RunConfig, reuse_finished: bool = True) -> RunClaim:
 
 
 def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | None = None,
-                   resume: bool = False, before_training: Callable[[ImageData], None] | None = None
-                   ) -> tuple[dict, Any]:
+                   resume: bool = False, before_training: Callable[[ImageData], None] | None = None,
+                   settled: Callable[[], dict | None] | None = None) -> tuple[dict, Any]:
     """Train one run and write its record. Returns (record, record path).
 
     `resume`: continue from this run's checkpoint if there is one (compare always does), and if the run
@@ -200,14 +211,18 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     if another process holds this run. `before_training(data)` is called once the warnings are given and the
     data is loaded, before anything is built or written (the CLI's estimate and confirmation of a long run);
     an error it raises ends the run without a record.
+    `settled`: replaces the finished-record look made under the lock (an executor's workers judge a run
+    settled by their grid's rules: a failed run is tried once per command, `--rerun` counts only new
+    records).
     """
     reporter = reporter or _SilentReporter()
     started_at, wall_start = utc_now(), time.perf_counter()
     config = resolve_runtime(config)
+    torch.set_num_threads(config.threads)  # the count the config (and its hash) says this run uses
     device = torch.device(config.device)
     entry = get_entry(config.optimizer)
     ensure_writable(config.results_dir)  # fail now, not after hours of training
-    claim = claim_run(config, reuse_finished=resume)
+    claim = claim_run(config, reuse_finished=resume or settled is not None, settled=settled)
     if claim.finished is not None:
         reporter.phase(f"this run has finished already: reusing {claim.finished['_path']} (nothing trained)")
         return claim.finished, Path(claim.finished["_path"])

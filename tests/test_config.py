@@ -191,3 +191,31 @@ def test_identity_excludes_location_and_verbosity_only():
     with pytest.raises(ConfigError, match="validation fraction must be a number in"):
         resolve_config("adamw", "smoke", {"validation_fraction": 0.9})
     assert math.isclose(identity["hparams"]["lr"], 1e-3)
+
+
+def test_thread_count_is_part_of_the_identity_and_resolved_before_hashing():
+    from optbench.experiment import resolve_runtime
+    import torch
+
+    one = resolve_config("adamw", "smoke", {"threads": 1, "device": "cpu"})
+    two = resolve_config("adamw", "smoke", {"threads": 2, "device": "cpu"})
+    assert one.identity["threads"] == 1 and two.identity["threads"] == 2
+    assert one.config_hash != two.config_hash  # 1 vs 2 threads give different numbers: never reused as equal
+    unresolved = resolve_config("adamw", "smoke", {"device": "cpu"})
+    assert unresolved.threads is None
+    assert resolve_runtime(unresolved).threads == torch.get_num_threads()
+    with pytest.raises(ConfigError, match="threads must be between 1"):
+        resolve_config("adamw", "smoke", {"threads": 0})
+
+
+def test_a_record_from_before_the_thread_count_still_loads(tmp_path):
+    import json
+
+    from optbench.records import finished_runs, load_records
+
+    record = {"optimizer": "adamw", "status": "ok", "config_hash": "0123456789ab", "final_test_acc": 0.5,
+              "config": {"seed": 0, "dataset": "digits", "epochs": 1}, "history": [], "finished_at": "2026-01-01"}
+    (tmp_path / "old.json").write_text(json.dumps(record))
+    loaded = load_records(tmp_path)
+    assert loaded.problems == [] and loaded.records[0]["config"].get("threads") is None
+    assert "0123456789ab" in finished_runs(tmp_path)

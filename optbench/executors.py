@@ -1,0 +1,501 @@
+"""Where `compare`'s planned runs execute: in this process, in N worker processes, or in a SLURM job array.
+
+The run records in the results directory are the one contract. A grid (the planned configs) is handed
+to an executor; whoever executes it -- this process (`--executor local`, the default), `--workers N`
+processes on this machine, or the tasks of one submitit job array (`--executor slurm`, or
+`submitit-local` to run the same submission and requeue machinery as local processes) -- runs
+`run_worker`: it claims runs one at a time through the run locks (`checkpoints.acquire_run_lock`),
+trains or resumes each, and writes records. The parent then collects the report from the records.
+
+A run is *settled* for a grid when it has a finished record (ok or diverged; with `--rerun` only one
+written since the grid was planned), or a record of another final status (oom, failed) written since the
+grid was planned: a run is tried once per command, as the serial compare does. A run that was stopped
+(SIGINT/SIGTERM, or the preemption signal under submitit) saved its checkpoint and is not settled: the
+next worker to claim it resumes it.
+
+A worker that is killed (SIGKILL, a node lost) leaves its run's checkpoint and a lock whose holder is
+dead; the lock is broken as stale by the next worker that looks (see `checkpoints.py`), and the run
+resumes from its checkpoint. Nothing here schedules: workers take the next unclaimed run in plan order.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from optbench.config import RunConfig
+from optbench.errors import ConfigError, OptbenchError
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+FINISHED = ("ok", "diverged")
+POLL_S = 2.0  # how often a worker with nothing to claim looks again, and the parent reports progress
+
+
+class ExecutorError(OptbenchError):
+    """An executor that cannot start or whose workers could not finish the grid."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The planned runs and how to judge them settled; picklable (it crosses process and job boundaries)."""
+
+    configs: tuple[RunConfig, ...]
+    rerun: bool = False
+    since: str = ""  # UTC time the grid was planned: records from then on settle failed (and, with rerun, all) runs
+    track: tuple[str, ...] = ()
+    track_uri: str | None = None
+
+    @property
+    def results_dirs(self) -> list[str]:
+        return sorted({c.results_dir for c in self.configs})
+
+    def unique(self) -> list[RunConfig]:
+        seen, out = set(), []
+        for config in self.configs:
+            if (config.results_dir, config.config_hash) not in seen:
+                seen.add((config.results_dir, config.config_hash))
+                out.append(config)
+        return out
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --- reading where the grid stands, from the records -----------------------------------------------------
+
+
+def _records_by_hash(results_dir: str) -> dict[str, list[dict[str, Any]]]:
+    from optbench.records import load_records
+
+    if not Path(results_dir).is_dir():
+        return {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for record in load_records(results_dir).records:
+        out.setdefault(record["config_hash"], []).append(record)
+    return out
+
+
+def settled_record(grid: Grid, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The record that settles a run for `grid` among `records` (one config hash's), or None."""
+    def fresh(r: dict[str, Any]) -> bool:
+        return (r.get("finished_at") or "") >= grid.since
+
+    finished = [r for r in records if r["status"] in FINISHED and (fresh(r) or not grid.rerun)]
+    if finished:
+        return max(finished, key=lambda r: r.get("finished_at") or "")
+    final = [r for r in records if r["status"] not in FINISHED + ("interrupted",) and fresh(r)]
+    return max(final, key=lambda r: r.get("finished_at") or "") if final else None
+
+
+def grid_state(grid: Grid) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """(results dir, config hash) -> the record that settles the run, or None, read in one pass."""
+    by_dir = {d: _records_by_hash(d) for d in grid.results_dirs}
+    return {(c.results_dir, c.config_hash): settled_record(grid, by_dir[c.results_dir].get(c.config_hash, []))
+            for c in grid.unique()}
+
+
+def collect(grid: Grid) -> tuple[list[dict[str, Any]], list[RunConfig]]:
+    """The grid's records in plan order (one per run), and the runs that have none that settles them."""
+    state = grid_state(grid)
+    records, missing = [], []
+    for config in grid.unique():
+        record = state[(config.results_dir, config.config_hash)]
+        if record is None:
+            missing.append(config)
+        else:
+            records.append(record)
+    return records, missing
+
+
+# --- the worker: the same loop in a process, a spawned process or a SLURM task -----------------------------
+
+
+def _label(config: RunConfig) -> str:
+    return f"{config.optimizer} seed {config.seed}"
+
+
+def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None = None,
+               quiet: bool = False, announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Claim and run the grid's unsettled runs until none is left. Returns {"worker", "runs", "interrupted"}.
+
+    `visible_devices`: this worker's CUDA_VISIBLE_DEVICES (one GPU per worker), set before CUDA starts.
+    Runs held by another live worker are left to it; when every unsettled run is held, the worker waits
+    and looks again: a holder that dies leaves a stale lock, and its run is taken over and resumed here.
+    """
+    if visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    from optbench.console import RichReporter, console
+    from optbench.data import load_dataset
+    from optbench.experiment import RunBusy, run_experiment
+    from optbench.tracking import reporter_factory
+
+    name = name or worker_name()
+    os.environ["OPTBENCH_WORKER"] = name  # written into the run locks it takes, for `optbench status`
+    say = announce or (lambda text: None if quiet else console.print(f"[dim]{name}[/dim] {text}", soft_wrap=True))
+    make_reporter = reporter_factory(lambda c: RichReporter(f"{name} {c.optimizer} s{c.seed}", quiet=True),
+                                     list(grid.track), grid.track_uri)
+    datasets: dict[tuple, Any] = {}
+    done: dict[str, Any] = {"worker": name, "runs": [], "interrupted": False}
+    while True:
+        state = grid_state(grid)
+        pending = [c for c in grid.unique() if state[(c.results_dir, c.config_hash)] is None]
+        if not pending:
+            return done
+        progressed = False
+        for config in pending:
+            key = (config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+            if key not in datasets:
+                datasets[key] = load_dataset(*key)
+
+            def settled_now(config=config) -> dict[str, Any] | None:  # asked once the run's lock is held
+                return settled_record(grid, _records_by_hash(config.results_dir).get(config.config_hash, []))
+
+            try:
+                with make_reporter(config) as reporter:
+                    record, path = run_experiment(config, reporter, data=datasets[key], resume=not grid.rerun,
+                                                  settled=settled_now)
+            except RunBusy:
+                continue  # another worker holds it
+            progressed = True
+            if record.get("_reused"):
+                continue  # another worker settled it between our reading and our lock
+            done["runs"].append(config.config_hash)
+            acc = record.get("final_test_acc")
+            say(f"{_label(config)}: {record['status']}, test acc " + (f"{acc:.2%}" if acc is not None else "-")
+                + f", {record['train_wall_time_s']:.1f}s -> {path}")
+            if record["status"] == "interrupted":
+                done["interrupted"] = True
+                _requeue_if_preempted()
+                return done
+            break  # read the records again: others may have settled runs meanwhile
+        if not progressed:
+            time.sleep(POLL_S)  # every unsettled run is held by a live worker: wait for them (or their stale locks)
+
+
+def _requeue_if_preempted() -> None:
+    """Under submitit, a run stopped by the preemption/time-limit signal has saved its checkpoint: now hand
+    the signal to submitit's own handler, which calls our `checkpoint()` and requeues the task."""
+    from optbench import interrupt
+
+    handler = interrupt.deferred_handler()
+    if handler is not None:
+        handler(interrupt.last_stop_signal, None)
+
+
+def _spawned_worker(grid: Grid, name: str, visible_devices: str | None, quiet: bool) -> None:
+    result = run_worker(grid, name, visible_devices, quiet)
+    raise SystemExit(130 if result["interrupted"] else 0)
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def threads_per_worker(workers: int) -> int:
+    """Each of N local workers' torch threads: the cores shared out (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def spawn_local(target: Callable[..., None], args_per_worker: list[tuple], label: str) -> list[int]:
+    """Start one spawned process per argument tuple, wait for all, return their exit codes.
+
+    Ctrl-C reaches the workers too (same process group): each stops after its step and saves; this
+    waits for them instead of leaving orphans."""
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=target, args=args, name=f"optbench-{label}-{i}")
+             for i, args in enumerate(args_per_worker)]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.join()
+    return [p.exitcode for p in procs]
+
+
+def device_for_worker(index: int, gpus: int) -> str | None:
+    """One GPU per worker, round robin, when there are several; None leaves CUDA_VISIBLE_DEVICES alone."""
+    return str(index % gpus) if gpus > 1 else None
+
+
+# --- SLURM through submitit ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What a lab writes once in the `slurm:` section of cluster.yaml; command-line options win."""
+
+    partition: str | None = None
+    gpus_per_task: int = 1
+    cpus_per_task: int | None = None  # also each run's torch threads; None: the threads the plan resolved
+    time_min: int = 60  # per array task; a task reaching it is requeued and resumes from its checkpoint
+    array_parallelism: int = 16
+    mem_gb: int | None = None
+    sbatch: tuple[tuple[str, Any], ...] = ()  # extra sbatch settings, e.g. (("account", "lab"), ("qos", "high"))
+    setup: tuple[str, ...] = ()  # shell lines run before the task (module load ..., source venv)
+    signal_delay_s: int = 120  # USR2 this long before the time limit: the run stops, saves, requeues
+    max_requeues: int = 3
+
+
+SLURM_KEYS = {f for f in SlurmOptions.__dataclass_fields__}
+
+
+def slurm_options(section: dict[str, Any] | None, overrides: dict[str, Any]) -> SlurmOptions:
+    """The `slurm:` section of cluster.yaml with the command line's options over it, checked."""
+    raw = dict(section or {})
+    unknown = sorted(set(raw) - SLURM_KEYS)
+    if unknown:
+        raise ConfigError(f"cluster.yaml slurm section: unknown setting(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(SLURM_KEYS))}")
+    raw.update({k: v for k, v in overrides.items() if v is not None and v != () and v != {}})
+    for key in ("gpus_per_task", "time_min", "array_parallelism", "signal_delay_s", "max_requeues"):
+        value = raw.get(key, getattr(SlurmOptions, key))
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key in ("gpus_per_task", "max_requeues") else 1):
+            raise ConfigError(f"slurm {key} must be a whole number >= "
+                              f"{0 if key in ('gpus_per_task', 'max_requeues') else 1}, got {value!r}")
+    for key in ("cpus_per_task", "mem_gb"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"slurm {key} must be a whole number >= 1, got {value!r}")
+    sbatch = raw.get("sbatch", ())
+    if isinstance(sbatch, dict):
+        sbatch = tuple(sbatch.items())
+    if not all(isinstance(k, str) and k for k, _ in sbatch):
+        raise ConfigError("slurm sbatch settings must be KEY: VALUE pairs (e.g. account: mylab)")
+    setup = raw.get("setup", ())
+    if isinstance(setup, str) or not all(isinstance(line, str) for line in setup):
+        raise ConfigError("slurm setup must be a list of shell lines, e.g. [\"module load cuda\"]")
+    raw["sbatch"], raw["setup"] = tuple(sbatch), tuple(setup)
+    return SlurmOptions(**raw)
+
+
+def cluster_section() -> dict[str, Any]:
+    """The `slurm:` section of cluster.yaml (OPTBENCH_CONFIG_DIR first, then the package's)."""
+    from optbench.settings import find_settings_file, read_yaml
+
+    path = find_settings_file("cluster.yaml")
+    section = read_yaml(path).get("slurm") if path is not None else None
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{path}: the slurm section must be a mapping of settings")
+    return section or {}
+
+
+def make_submitit_executor(folder: Path, options: SlurmOptions, cluster: str, tasks: int):
+    """A submitit executor for one job array of `tasks` worker tasks: `SlurmExecutor`, or `LocalExecutor`
+    (the same pickling, signals and requeue machinery, as local processes)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ExecutorError("--executor slurm needs submitit: pip install submitit") from None
+    if cluster == "slurm":
+        executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=options.max_requeues)
+        params: dict[str, Any] = {"time": options.time_min, "nodes": 1, "ntasks_per_node": 1, "job_name": "optbench",
+                                  "array_parallelism": min(options.array_parallelism, tasks),
+                                  "signal_delay_s": options.signal_delay_s}
+        if options.cpus_per_task:
+            params["cpus_per_task"] = options.cpus_per_task
+        if options.mem_gb:
+            params["mem"] = f"{options.mem_gb}GB"
+        if options.partition:
+            params["partition"] = options.partition
+        if options.gpus_per_task:
+            params["gpus_per_task"] = options.gpus_per_task
+        if options.sbatch:
+            params["additional_parameters"] = dict(options.sbatch)
+        if options.setup:
+            params["setup"] = list(options.setup)
+    else:
+        executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=options.max_requeues)
+        params = {"timeout_min": options.time_min, "signal_delay_s": min(options.signal_delay_s, options.time_min * 60 - 1)}
+        if options.setup:
+            params["setup"] = list(options.setup)
+    executor.update_parameters(**params)
+    return executor
+
+
+try:
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # submitit is a dependency; this keeps `import optbench.executors` cheap to reason about
+    _Checkpointable = object  # type: ignore[assignment,misc]
+
+
+class SubmititWorker(_Checkpointable):
+    """One array task: `run_worker` over the grid. Checkpointable: when the task gets submitit's
+    preemption/time-limit signal, the run in progress stops after its step and saves its checkpoint
+    (the usual stop path), then submitit requeues this same callable, which claims and resumes it."""
+
+    def __call__(self, grid: Grid, index: int) -> dict[str, Any]:
+        import submitit
+
+        from optbench import interrupt
+
+        environment = submitit.JobEnvironment()
+        interrupt.defer_to_previous(environment._usr_sig())  # stop and checkpoint first, then submitit's requeue
+        name = f"{environment.job_id}@{socket.gethostname()}"
+        os.environ.setdefault("OPTBENCH_JOB_ID", str(environment.job_id))  # shown by `optbench status`
+        return run_worker(grid, name)
+
+
+def submit_array(target: Any, args_per_task: list[tuple], folder: Path, options: SlurmOptions, cluster: str):
+    """Submit one job array (on SLURM; separate local jobs with submitit's local executor)."""
+    executor = make_submitit_executor(folder, options, cluster, len(args_per_task))
+    jobs = []
+    try:
+        with executor.batch():
+            for args in args_per_task:
+                jobs.append(executor.submit(target, *args))
+    except Exception as exc:  # sbatch missing or refusing: submitit raises several kinds
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise ExecutorError(f"could not submit the job array ({exc.__class__.__name__}: {first}): check the "
+                            "slurm section of cluster.yaml and the --partition/--sbatch options") from None
+    return jobs
+
+
+def wait_for_jobs(jobs: list, grid: Grid, announce: Callable[[str], None]) -> list[str]:
+    """Wait for the jobs, reporting progress from the records; returns one line per job that failed."""
+    total, last = len(grid.unique()), None
+    while not all(job.done() for job in jobs):
+        records, _ = collect(grid)
+        if len(records) != last:
+            last = len(records)
+            announce(f"{len(records)}/{total} runs settled; jobs {', '.join(j.job_id for j in jobs)}")
+        time.sleep(POLL_S)
+    failures = []
+    for job in jobs:
+        state = job.state
+        if state not in ("FINISHED", "COMPLETED"):
+            try:
+                job.result()
+            except Exception as exc:
+                failures.append(f"job {job.job_id}: {state}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+    return failures
+
+
+# --- the dispatcher --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    kind: str = "local"
+    workers: int = 1
+    slurm: SlurmOptions | None = None
+
+    def check(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise ConfigError(f"unknown --executor '{self.kind}': choose local, slurm or submitit-local")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+
+    def target_device(self, requested: str | None) -> str | None:
+        """The device runs get on SLURM nodes: the one asked for, else CUDA when tasks get GPUs."""
+        if self.kind != "slurm":
+            return None
+        if requested in ("cpu", "cuda"):
+            return requested
+        return "cuda" if (self.slurm or SlurmOptions()).gpus_per_task else "cpu"
+
+
+def slurm_spec(kind: str, overrides: dict[str, Any]) -> SlurmOptions | None:
+    """The SLURM options for a submitit executor (cluster.yaml, then the command line); None otherwise."""
+    if kind not in ("slurm", "submitit-local"):
+        given = [k for k, v in overrides.items() if v not in (None, (), {})]
+        if given:
+            raise ConfigError(f"--slurm-{given[0].replace('_', '-')} applies to --executor slurm (or submitit-local)")
+        return None
+    return slurm_options(cluster_section(), overrides)
+
+
+def plan_threads(spec: ExecutorSpec, requested: int | None) -> int | None:
+    """The torch threads each run gets (part of its identity): asked for, or what its worker has --
+    cores/N for N local workers, cpus_per_task (default 1) for a SLURM task; None: this process's count."""
+    if requested is not None:
+        return requested
+    if spec.kind == "slurm":
+        return (spec.slurm or SlurmOptions()).cpus_per_task or 1
+    if spec.workers > 1:
+        return threads_per_worker(spec.workers)
+    return None
+
+
+def execute(grid: Grid, spec: ExecutorSpec, make_reporter: Callable[[RunConfig], Any],
+            announce: Callable[[str], None], quiet: bool = False, datasets: dict[tuple, Any] | None = None
+            ) -> tuple[list[dict[str, Any]], bool]:
+    """Run the grid's unsettled runs with the chosen executor. Returns (its records in plan order,
+    whether a run was interrupted: then the records are those that exist). Raises ExecutorError when
+    the workers ended with runs unsettled."""
+    from optbench.compare import run_comparison
+
+    spec.check()
+    if spec.kind == "local" and spec.workers == 1:
+        records = run_comparison(list(grid.configs), grid.rerun, make_reporter, announce, datasets)
+        return records, any(r["status"] == "interrupted" for r in records)
+    records, pending = collect(grid)
+    if not pending:
+        for record in records:
+            announce(f"{_label_of(record)}: reusing {record['_path']} ({record['status']})")
+        return records, False
+    announce(f"{len(pending)} of {len(grid.unique())} runs to do, {len(grid.unique()) - len(pending)} reused")
+    interrupted = False
+    if spec.kind == "local":
+        workers = min(spec.workers, len(pending))
+        gpus = gpu_count()
+        codes = spawn_local(_spawned_worker, [(grid, f"worker{i}", device_for_worker(i, gpus), quiet)
+                                              for i in range(workers)], "compare")
+        interrupted = any(c == 130 for c in codes)
+        if any(c not in (0, 130) for c in codes):
+            announce(f"worker exit codes {codes}: finishing what they left in this process")
+    else:
+        folder = Path(grid.configs[0].results_dir) / "slurm"
+        tasks = min(spec.workers, len(pending)) if spec.workers > 1 else len(pending)
+        jobs = submit_array(SubmititWorker(), [(grid, i) for i in range(tasks)], folder,
+                            spec.slurm or SlurmOptions(), "slurm" if spec.kind == "slurm" else "local")
+        _write_job_ids(folder, jobs)
+        announce(f"submitted {len(jobs)} task(s): job {_array_id(jobs)}; logs in {folder}; "
+                 f"`optbench status {grid.configs[0].results_dir}` shows where the grid stands")
+        for line in wait_for_jobs(jobs, grid, announce):
+            announce(line)
+    if not interrupted:  # a worker killed outright (SIGKILL, OOM killer) left its run: finish it here
+        interrupted = run_worker(grid, f"{worker_name()} (parent)", quiet=quiet, announce=announce)["interrupted"]
+    records, missing = collect(grid)
+    if missing and not interrupted:
+        raise ExecutorError(f"{len(missing)} run(s) did not finish: {', '.join(_label(c) for c in missing)}; "
+                            "run the same command again to resume them")
+    return records, interrupted
+
+
+def _label_of(record: dict[str, Any]) -> str:
+    return f"{record['optimizer']} seed {record['config'].get('seed')}"
+
+
+def _array_id(jobs: list) -> str:
+    ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+    return ", ".join(ids)
+
+
+def _write_job_ids(folder: Path, jobs: list) -> None:
+    """Job ids for `optbench status` (the records and locks say the rest)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "jobs.json"
+    try:
+        known = json.loads(path.read_text()) if path.exists() else []
+    except (OSError, ValueError):
+        known = []
+    known.append({"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "jobs": [str(j.job_id) for j in jobs]})
+    path.write_text(json.dumps(known, indent=1))
+
+
+__all__ = ["EXECUTORS", "ExecutorError", "ExecutorSpec", "Grid", "SlurmOptions", "collect", "execute",
+           "run_worker", "slurm_options", "cluster_section"]

@@ -1,0 +1,146 @@
+"""Executors with the real code paths: `--workers 2` processes, submitit's LocalExecutor (the same
+submission, signal and requeue machinery as SLURM, as local processes), a SIGKILLed worker, a preempted
+task, and the NFS-safe run lock. Tiny runs (synthetic 16x16 images, depth 1, 3 epochs, 1 thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from optbench.checkpoints import acquire_run_lock, lock_is_stale, read_lock
+
+TINY_CLI = ["--preset", "smoke", "--dataset", "synthetic", "--subset", "200", "--test-subset", "60", "--depth", "1",
+            "--batch-size", "16", "--device", "cpu", "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+
+
+def compare(results: Path, *extra: str, wait: bool = True):
+    args = [sys.executable, "-m", "optbench", "compare", *TINY_CLI, "--results-dir", str(results), *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out + err
+
+
+def records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+
+
+def ok_once(results: Path) -> dict[tuple[str, int], dict]:
+    """Every run has exactly one ok record; returns them by (optimizer, seed)."""
+    found = [r for r in records(results) if r["status"] == "ok"]
+    counts = Counter(r["config_hash"] for r in found)
+    assert counts and set(counts.values()) == {1}, counts
+    return {(r["optimizer"], r["config"]["seed"]): r for r in found}
+
+
+def wait_for_checkpoint_holder(results: Path, proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """Once some run has written a checkpoint: (pid holding it, its config hash), from the run lock."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        for ckpt in (results / "checkpoints").glob("*.pt"):
+            owner = read_lock(ckpt.with_suffix(".lock"))
+            if owner and isinstance(owner.get("pid"), int):
+                return owner["pid"], ckpt.stem
+        time.sleep(0.2)
+    raise AssertionError("no run wrote a checkpoint in time")
+
+
+def test_workers_train_every_run_once_with_the_serial_weights(tmp_path: Path):
+    grid = ["--optimizers", "adamw,lion", "--seeds", "0,1", "--epochs", "1"]
+    compare(tmp_path / "serial", *grid, "--threads", "1")
+    compare(tmp_path / "workers", *grid, "--workers", "2")  # cores/2 = 1 thread each on this machine
+    serial, parallel = ok_once(tmp_path / "serial"), ok_once(tmp_path / "workers")
+    assert len(parallel) == 4 and serial.keys() == parallel.keys()
+    for key in serial:
+        assert parallel[key]["config"]["threads"] == 1 == parallel[key]["environment"]["cpu_threads"]
+        assert parallel[key]["config_hash"] == serial[key]["config_hash"]
+        assert parallel[key]["final_weights_sha256"] == serial[key]["final_weights_sha256"], key
+    assert len(records(tmp_path / "workers")) == 4
+    out = compare(tmp_path / "workers", *grid, "--workers", "2")  # nothing left to do: all reused
+    assert out.count("reusing") == 4 and len(records(tmp_path / "workers")) == 4
+
+
+def test_a_sigkilled_worker_costs_only_its_run_which_resumes(tmp_path: Path):
+    results = tmp_path / "r"
+    proc = compare(results, "--optimizers", "adamw,lion", "--seeds", "0", "--epochs", "3", "--workers", "2",
+                   wait=False)
+    pid, killed_hash = wait_for_checkpoint_holder(results, proc)
+    assert pid != proc.pid
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    done = ok_once(results)
+    assert len(done) == 2 and len(records(results)) == 2  # no second record of any run
+    resumed = {r["config_hash"]: r["resumed"] for r in done.values()}
+    assert resumed[killed_hash] is True  # taken over from its checkpoint, not started again
+    assert not list((results / "checkpoints").glob("*.lock"))
+
+
+def test_compare_through_submitits_local_executor_survives_preemption(tmp_path: Path):
+    """The grid goes to submitit as a job array; one task gets submitit's preemption signal (USR2) mid-run:
+    the run stops after its step, saves its checkpoint, submitit requeues the task, and the run resumes to
+    the same weights as an uninterrupted run."""
+    results = tmp_path / "r"
+    grid = ["--optimizers", "adamw,lion", "--seeds", "0", "--epochs", "3"]
+    proc = compare(results, *grid, "--executor", "submitit-local", "--workers", "2", wait=False)
+    pid, preempted = wait_for_checkpoint_holder(results, proc)
+    os.kill(pid, signal.SIGUSR2)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    done = ok_once(results)
+    by_hash = {r["config_hash"]: r for r in done.values()}
+    assert by_hash[preempted]["resumed"] is True
+    statuses = Counter(r["status"] for r in records(results) if r["config_hash"] == preempted)
+    assert statuses == {"interrupted": 1, "ok": 1}
+    logs = "".join(p.read_text() for p in (results / "slurm").glob("*_log.*"))
+    assert "Requeued job" in logs  # submitit's own requeue, not a retry of ours
+    compare(tmp_path / "serial", *grid, "--threads", "1", "--optimizers", by_hash[preempted]["optimizer"])
+    serial = ok_once(tmp_path / "serial")
+    assert next(iter(serial.values()))["final_weights_sha256"] == by_hash[preempted]["final_weights_sha256"]
+
+
+def test_run_lock_is_exclusive_names_its_owner_and_is_broken_only_when_stale(tmp_path: Path):
+    lock = acquire_run_lock(tmp_path, "abc")
+    assert lock is not None and acquire_run_lock(tmp_path, "abc") is None  # O_EXCL: one holder
+    owner = read_lock(lock.path)
+    assert owner["pid"] == os.getpid() and owner["host"] and not lock_is_stale(owner)
+    lock.release()
+    assert not lock.path.exists()
+    # A holder killed outright leaves its file: on this host a dead pid makes it stale at once.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from optbench.checkpoints import acquire_run_lock; "
+        f"l = acquire_run_lock({str(tmp_path)!r}, 'abc'); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env=_env())
+    assert holder.stdout.readline().strip() == "held"
+    assert acquire_run_lock(tmp_path, "abc") is None  # alive: not stale
+    holder.kill()
+    holder.wait()
+    assert lock_is_stale(read_lock(tmp_path / "checkpoints" / "abc.lock"))
+    taken = acquire_run_lock(tmp_path, "abc")
+    assert taken is not None
+    taken.release()
+    # Another host's lock is stale only when its heartbeat stops (by the file's clock).
+    path = tmp_path / "checkpoints" / "abc.lock"
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "t"}))
+    assert acquire_run_lock(tmp_path, "abc") is None
+    old = time.time() - 1000
+    os.utime(path, (old, old))
+    taken = acquire_run_lock(tmp_path, "abc")
+    assert taken is not None and read_lock(path)["token"] == taken.token
+    taken.release()
