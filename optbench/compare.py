@@ -10,7 +10,7 @@ from optbench.config import RunConfig, resolve_config
 from optbench.console import duration_text
 from optbench.data import ImageData, load_dataset
 from optbench.experiment import RunBusy, resolve_runtime, run_experiment
-from optbench.records import find_finished, finished_runs
+from optbench.records import finished_runs
 
 
 def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: dict[str, Any],
@@ -65,9 +65,7 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
         started = time.perf_counter()
         try:
             with make_reporter(config) as reporter:
-                record, path = run_experiment(
-                    config, reporter, data=datasets[key], resume=not rerun,
-                    settled=None if rerun else lambda: find_finished(config.results_dir, config.config_hash))
+                record, path = run_experiment(config, reporter, data=datasets[key], resume=not rerun)
         except RunBusy as exc:
             announce(f"{label}: skipped, {exc}")
             continue
