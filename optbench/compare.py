@@ -52,7 +52,8 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
     for i, config in enumerate(configs, 1):
         label = f"[{i}/{len(configs)}] {config.optimizer} seed {config.seed}"
         if not rerun and config.results_dir not in finished:
-            finished[config.results_dir] = finished_runs(config.results_dir)
+            finished[config.results_dir] = finished_runs(config.results_dir,
+                                                         skipped=lambda problem: announce(f"skipped: {problem}"))
         existing = None if rerun else finished[config.results_dir].get(config.config_hash)
         if existing is not None:
             announce(f"{label}: reusing {existing['_path']} ({existing['status']})")

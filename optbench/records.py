@@ -14,17 +14,13 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from optbench.errors import RecordError
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("optimizer", "status", "config", "config_hash")
 STATUSES = ("ok", "diverged", "interrupted", "oom", "failed")
-NUMERIC_FIELDS = ("train_wall_time_s", "peak_memory_bytes", "optimizer_state_bytes", "throughput_images_per_s",
-                  "param_bytes", "dataset_device_bytes")
-HISTORY_FIELDS = ("epoch", "test_acc", "train_time_s")  # losses may be null: non-finite ones are
-# A run scored on a validation split (a tuning trial) has val_acc where others have test_acc.
 
 
 def utc_now() -> str:
@@ -108,44 +104,205 @@ class LoadedRecords:
 
 
 def _check(record: Any, path: Path) -> str | None:
+    problem = record_problem(record)
+    return f"{path.name}: {problem}" if problem else None
+
+
+KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+# Non-negative, finite, or null: seconds and rates.
+NONNEGATIVE_FIELDS = ("train_wall_time_s", "eval_wall_time_s", "total_wall_time_s", "throughput_images_per_s",
+                      "achieved_tflops", "final_test_loss", "final_val_loss", "final_train_loss")
+# Whole numbers >= 0, or null: counts and bytes.
+COUNT_FIELDS = ("peak_memory_bytes", "peak_memory_reserved_bytes", "optimizer_state_bytes", "param_count",
+                "param_bytes", "dataset_device_bytes", "training_flops_per_image", "steps", "epochs_completed",
+                "images_seen", "total_steps_planned", "hessian_updates", "hessian_steps_planned", "warmup_steps",
+                "diverged_at_step", "peak_memory_without_dataset_bytes", "bn_warmup_batches")
+# Whole numbers >= 0 (or null) inside the `model` and `dataset` blocks, which titles print.
+BLOCK_COUNTS = {"model": ("patch_size", "image_size", "depth", "width", "tokens", "param_count"),
+                "dataset": ("train_images", "test_images", "validation_images", "num_classes", "image_size")}
+TEXT_FIELDS = ("peak_memory_source", "status_detail", "started_at", "finished_at", "evaluated_on",
+               "final_weights_sha256", "run_id")
+OBJECT_FIELDS = ("environment", "dataset", "model", "optimizer_implementation", "memory_breakdown")
+BREAKDOWN_COUNTS = ("peak_bytes", "params", "grads", "optimizer_state", "activations")
+
+
+def record_problem(record: Any) -> str | None:
+    """What makes `record` unusable as a run record, in a few words, or None if it is usable.
+
+    Types and meaning: a known schema version; finite, non-negative times, sizes and counts; accuracies
+    that are fractions; a history of consecutive epochs whose clock never runs backwards; and a status
+    that agrees with the rest (an `ok` run has its final accuracy, equal to its last epoch's, and all
+    its epochs; a run that did not finish has no final accuracy). Anything a report prints is checked
+    here, so a record that passes cannot put a nonsense figure in a report.
+    """
     if not isinstance(record, dict):
-        return f"{path.name}: not a run record (top level is not an object)"
+        return "not a run record (top level is not an object)"
     missing = [f for f in REQUIRED_FIELDS if f not in record]
     if missing:
-        return f"{path.name}: not a run record (missing {', '.join(missing)})"
-    if record["status"] not in STATUSES:
-        return f"{path.name}: unknown status {record['status']!r}"
-    if not isinstance(record.get("config"), dict):
-        return f"{path.name}: config is not an object"
+        return f"not a run record (missing {', '.join(missing)})"
+    version = record.get("schema_version")
+    if type(version) is not int or version not in KNOWN_SCHEMA_VERSIONS:
+        return (f"schema_version {version!r} is not one this optbench reads "
+                f"({', '.join(map(str, KNOWN_SCHEMA_VERSIONS))})")
+    if not isinstance(record["status"], str) or record["status"] not in STATUSES:
+        return f"unknown status {record['status']!r}"
+    if not isinstance(record["optimizer"], str) or not record["optimizer"] \
+            or not isinstance(record["config_hash"], str):
+        return "optimizer and config_hash must be text"
+    config = record["config"]
+    if not isinstance(config, dict):
+        return "config is not an object"
+    problem = _config_problem(config)
+    if problem:
+        return problem
     for key in ("final_test_acc", "final_val_acc"):
         acc = record.get(key)
-        if acc is not None and not (_is_number(acc) and 0.0 <= acc <= 1.0):
-            return f"{path.name}: {key} {acc!r} is not a fraction in [0, 1]"
-    if not isinstance(record["optimizer"], str) or not isinstance(record["config_hash"], str):
-        return f"{path.name}: optimizer and config_hash must be text"
-    seed = record["config"].get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        return f"{path.name}: config.seed {seed!r} is not a whole number"
-    for key in NUMERIC_FIELDS:
-        if record.get(key) is not None and not _is_number(record[key]):
-            return f"{path.name}: {key} {record[key]!r} is not a number"
-    for key in ("peak_memory_source", "status_detail", "finished_at"):
+        if acc is not None and not (_is_finite(acc) and 0.0 <= acc <= 1.0):
+            return f"{key} {acc!r} is not a fraction in [0, 1]"
+    for key in NONNEGATIVE_FIELDS:
+        value = record.get(key)
+        if value is not None and not (_is_finite(value) and value >= 0):
+            return f"{key} {value!r} is not a finite number >= 0"
+    for key in COUNT_FIELDS:
+        value = record.get(key)
+        if value is not None and not _is_count(value):
+            return f"{key} {value!r} is not a whole number >= 0"
+    for key in TEXT_FIELDS:
         if record.get(key) is not None and not isinstance(record[key], str):
-            return f"{path.name}: {key} is not text"
-    history = record.get("history", [])
-    if not isinstance(history, list) or not all(
-            isinstance(row, dict)
-            and all(_is_number(row.get("val_acc" if k == "test_acc" and "val_acc" in row else k)) for k in HISTORY_FIELDS)
-            and (row.get("train_loss") is None or _is_number(row["train_loss"])) for row in history):
-        return f"{path.name}: history must be a list of epochs with numeric {', '.join(HISTORY_FIELDS)}"
-    breakdown = record.get("memory_breakdown")
-    if breakdown is not None:
-        steps = [v for k, v in breakdown.items() if k.endswith("_step")] if isinstance(breakdown, dict) else None
-        if steps is None or not all(isinstance(v, dict) and _is_number(v.get("peak_bytes"))
-                                    and all(x is None or isinstance(x, str) or _is_number(x) for x in v.values())
-                                    for v in steps):
-            return f"{path.name}: memory_breakdown is malformed"
+            return f"{key} {record[key]!r} is not text"
+    for key in OBJECT_FIELDS:
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"{key} is not an object"
+    for block, keys in BLOCK_COUNTS.items():
+        for key in keys:
+            value = (record.get(block) or {}).get(key)
+            if value is not None and not _is_count(value):
+                return f"{block}.{key} {value!r} is not a whole number >= 0"
+    peak, without, data = (record.get(k) for k in ("peak_memory_bytes", "peak_memory_without_dataset_bytes",
+                                                   "dataset_device_bytes"))
+    if peak is not None and without is not None and without > peak:
+        return f"peak_memory_without_dataset_bytes {without} exceeds peak_memory_bytes {peak}"
+    if peak is not None and data is not None and "cuda" in str(record.get("peak_memory_source")) and data > peak:
+        return f"dataset_device_bytes {data} exceed the CUDA peak_memory_bytes {peak} that held them"
+    if record.get("evaluated_on", "test") not in ("test", "validation"):
+        return f"evaluated_on {record['evaluated_on']!r} is neither test nor validation"
+    problem = _history_problem(record.get("history", []), record.get("evaluated_on") == "validation")
+    if problem:
+        return problem
+    problem = _breakdown_problem(record.get("memory_breakdown"))
+    if problem:
+        return problem
+    return _status_problem(record)
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    seed = config.get("seed")
+    if not _is_count(seed):
+        return f"config.seed {seed!r} is not a whole number >= 0"
+    for key in ("epochs", "batch_size", "dataset"):  # the workload every report names
+        if config.get(key) is None:
+            return f"config.{key} is missing"
+    for key in ("epochs", "batch_size", "depth", "patch_size", "subset", "test_subset"):
+        value = config.get(key)
+        if value is not None and not (_is_count(value) and value >= 1):
+            return f"config.{key} {value!r} is not a whole number >= 1"
+    for key in ("dataset", "model", "device", "precision"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            return f"config.{key} {config[key]!r} is not text"
+    hparams = config.get("hparams")
+    if hparams is not None:
+        if not isinstance(hparams, dict):
+            return "config.hparams is not an object"
+        for key in ("lr", "weight_decay"):
+            value = hparams.get(key)
+            if value is not None and not (_is_finite(value) and value >= 0):
+                return f"config.hparams.{key} {value!r} is not a finite number >= 0"
     return None
+
+
+def _history_problem(history: Any, validation: bool) -> str | None:
+    acc_key = "val_acc" if validation else "test_acc"
+    if not isinstance(history, list):
+        return "history is not a list of epochs"
+    clock, steps = 0.0, 0
+    for i, row in enumerate(history, 1):
+        if not isinstance(row, dict):
+            return f"history epoch {i} is not an object"
+        if row.get("epoch") != i or isinstance(row.get("epoch"), bool):
+            return f"history row {i} says epoch {row.get('epoch')!r} (epochs must run 1, 2, 3, ...)"
+        acc = row.get(acc_key)
+        if not (_is_finite(acc) and 0.0 <= acc <= 1.0):
+            return f"history epoch {i}: {acc_key} {acc!r} is not a fraction in [0, 1]"
+        time_s = row.get("train_time_s")
+        if not (_is_finite(time_s) and time_s >= clock):
+            return f"history epoch {i}: train_time_s {time_s!r} is not a finite number >= the epoch before's"
+        clock = time_s
+        for key in ("train_loss", "test_loss", "val_loss"):
+            value = row.get(key)
+            if value is not None and not (_is_finite(value) and value >= 0):
+                return f"history epoch {i}: {key} {value!r} is not a finite number >= 0"
+        if "steps" in row:
+            if not (_is_count(row["steps"]) and row["steps"] >= steps):
+                return f"history epoch {i}: steps {row['steps']!r} is not a whole number >= the epoch before's"
+            steps = row["steps"]
+        if row.get("lr") is not None and not _is_finite(row["lr"]):
+            return f"history epoch {i}: lr {row['lr']!r} is not a finite number"
+        diagnostics = row.get("diagnostics")
+        if diagnostics is not None and not (isinstance(diagnostics, dict) and all(
+                v is None or _is_finite(v) for v in diagnostics.values())):
+            return f"history epoch {i}: diagnostics must map names to finite numbers"
+    return None
+
+
+def _breakdown_problem(breakdown: Any) -> str | None:
+    if breakdown is None:
+        return None
+    if not _is_count(breakdown.get("peak_bytes", 0)):
+        return "memory_breakdown.peak_bytes is not a whole number >= 0"
+    for name, step in breakdown.items():
+        if not name.endswith("_step"):
+            continue
+        if not isinstance(step, dict) or not _is_count(step.get("peak_bytes")):
+            return f"memory_breakdown.{name} is malformed (no peak_bytes)"
+        for key, value in step.items():
+            if key in BREAKDOWN_COUNTS and not _is_count(value):
+                return f"memory_breakdown.{name}.{key} {value!r} is not a whole number >= 0"
+            if not (value is None or isinstance(value, str) or _is_finite(value)):
+                return f"memory_breakdown.{name}.{key} {value!r} is not a finite number"
+    return None
+
+
+def _status_problem(record: dict[str, Any]) -> str | None:
+    status, history = record["status"], record.get("history", [])
+    validation = record.get("evaluated_on") == "validation"
+    acc_key = "final_val_acc" if validation else "final_test_acc"
+    if "epochs_completed" in record and record["epochs_completed"] != len(history):
+        return f"epochs_completed {record['epochs_completed']!r} but the history has {len(history)} epochs"
+    if status == "ok":
+        if record.get(acc_key) is None:
+            return f"status ok but {acc_key} is null"
+        if not _is_finite(record.get("train_wall_time_s")):
+            return "status ok but train_wall_time_s is missing"
+        epochs = record["config"].get("epochs")
+        if epochs is not None and len(history) != epochs:
+            return f"status ok but the history has {len(history)} of the config's {epochs} epochs"
+        if history and history[-1]["val_acc" if validation else "test_acc"] != record[acc_key]:
+            return f"{acc_key} {record[acc_key]!r} is not the last epoch's accuracy"
+    else:
+        for key in ("final_test_acc", "final_val_acc"):
+            if record.get(key) is not None:
+                return f"status {status} but {key} is {record[key]!r} (only a finished run has one)"
+    if validation and record.get("final_test_acc") is not None:
+        return "a run scored on the validation split has a final_test_acc"
+    return None
+
+
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_number(value: Any) -> bool:
@@ -209,13 +366,17 @@ def latest_results_dir(root: str | Path = DEFAULT_RESULTS_ROOT) -> LatestResults
                       "or run `optbench compare` first")
 
 
-def finished_runs(results_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Config hash -> the newest record of a completed (ok or diverged) run, read in one pass."""
+def finished_runs(results_dir: str | Path, skipped: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Config hash -> the newest record of a completed (ok or diverged) run, read in one pass. Files that
+    are not usable records are never reused; `skipped` is told of each (one line: file and problem)."""
     directory = Path(results_dir)
     if not directory.is_dir():
         return {}
     newest: dict[str, dict[str, Any]] = {}
-    for rec in load_records(directory).records:
+    loaded = load_records(directory)
+    for problem in loaded.problems if skipped is not None else ():
+        skipped(problem)
+    for rec in loaded.records:
         if rec["status"] in ("ok", "diverged") and rec.get("finished_at", "") >= \
                 newest.get(rec["config_hash"], {}).get("finished_at", ""):
             newest[rec["config_hash"]] = rec

@@ -41,10 +41,10 @@ class TuningReport:
 
 def build_tuning_report(outcome: TuneOutcome, margin: float = DEFAULT_MARGIN, write: bool = True) -> TuningReport:
     plan = outcome.plan
-    trial_records = finished_runs(plan.trials_dir)
+    summaries, curves, sensitivity, warnings = [], {}, {}, []
+    trial_records = finished_runs(plan.trials_dir, skipped=lambda problem: warnings.append(f"skipped: {problem}"))
     names = optimizer_order(list(plan.optimizers))
     specs = {s.optimizer: s for s in plan.studies}
-    summaries, curves, sensitivity, warnings = [], {}, {}, []
     for opt in names:
         budget, trials = outcome.status[opt]
         summary = summarise_optimizer(

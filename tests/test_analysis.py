@@ -32,7 +32,7 @@ def make_record(optimizer: str, seed: int = 0, acc: float | None = 0.5, time_s: 
     history = [{"epoch": i + 1, "train_loss": 2.0 / (i + 1), "test_loss": 2.0, "test_acc": a,
                 "train_time_s": time_s * (i + 1) / epochs, "steps": 100 * (i + 1)} for i, a in enumerate(curve)]
     return {
-        "optimizer": optimizer, "status": status, "config": config,
+        "schema_version": 1, "optimizer": optimizer, "status": status, "config": config,
         "config_hash": f"{optimizer}-{seed}-{json.dumps(config_changes, sort_keys=True)}",
         "final_test_acc": acc if status == "ok" else None, "train_wall_time_s": time_s,
         "peak_memory_bytes": peak, "peak_memory_source": "torch.cuda.max_memory_allocated (whole training)",

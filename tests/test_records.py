@@ -22,10 +22,15 @@ HISTORY_FIELDS = ("train_loss", "test_loss", "test_acc", "train_time_s")
 
 
 def minimal_record(**changes):
-    record = {"optimizer": "adamw", "status": "ok", "config_hash": "0123456789ab", "final_test_acc": 0.5,
-              "config": {"dataset": "digits", "seed": 0}, "started_at": "2026-01-01T00:00:00Z",
-              "finished_at": "2026-01-01T00:01:00Z", "history": []}
+    """The fewest fields a usable record has; an `ok` one's history is its one epoch, at its final accuracy."""
+    record = {"schema_version": 1, "optimizer": "adamw", "status": "ok", "config_hash": "0123456789ab",
+              "final_test_acc": 0.5, "train_wall_time_s": 1.0, "config": {"dataset": "digits", "seed": 0, "epochs": 1, "batch_size": 8},
+              "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:01:00Z"}
     record.update(changes)
+    acc = record["final_test_acc"]
+    if "history" not in changes:
+        record["history"] = [{"epoch": 1, "test_acc": acc, "train_time_s": 1.0}] if record["status"] == "ok" \
+            and isinstance(acc, (int, float)) and 0 <= acc <= 1 else []
     return record
 
 
