@@ -19,6 +19,7 @@ import pandas as pd
 from optbench.errors import OptbenchError
 from optbench.models import model_label, model_title
 from optbench.optimizers import BASELINE, COURSE_SET, MEMORY_CHALLENGER, REGISTRY, optimizer_names
+from optbench.timing import ADVICE, DOES_NOT_STAND, STANDS, record_disturbance
 
 MEMORY_TARGET = 0.30  # the course: "Lion must save >= 30% VRAM vs AdamW"
 DEFAULT_MARGIN = 0.01  # accuracy non-inferiority margin, as a fraction (1 percentage point)
@@ -185,6 +186,11 @@ def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "state_bytes": _mean([r.get("optimizer_state_bytes") for r in ok]),
             "throughput": _mean([r.get("throughput_images_per_s") for r in ok]),
             "seeds": sorted({r["config"].get("seed") for r in runs}),
+            # runs whose timing was disturbed (optbench/timing.py): their time figures do not stand
+            "timing_disturbed": sum(bool(record_disturbance(r)) for r in ok),
+            "cpu_per_wall": _mean([(r.get("timing") or {}).get("cpu_per_wall") for r in ok
+                                   if isinstance(r.get("timing"), dict)]),
+            "compile_warmup_s": _mean([r.get("compile_warmup_s") for r in ok]),
         })
     df = pd.DataFrame(rows)
     if df.empty:
@@ -202,6 +208,26 @@ def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     df["peak_saving"] = rel("peak_mean", lambda v, b: 1 - v / b if b else None)
     df["state_saving"] = rel("state_bytes", lambda v, b: 1 - v / b if b else None)
     return df
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def timing_notes(records: list[dict[str, Any]]) -> list[str]:
+    """Which runs' times were disturbed and why, what still stands, and what to do; on a CPU, which
+    figures stand at all. Empty when every run was undisturbed on a GPU."""
+    out = []
+    disturbed = [(r, record_disturbance(r)) for r in records if r["status"] == "ok"]
+    disturbed = [(r, why) for r, why in disturbed if why]
+    for rec, why in disturbed:
+        out.append(f"{rec['optimizer']} seed {rec['config'].get('seed')}: timing disturbed: {'; '.join(why)}")
+    if disturbed:
+        out.append(f"for the runs marked disturbed, {STANDS}; {DOES_NOT_STAND}: {ADVICE}")
+    if any(str(r["config"].get("device")) == "cpu" for r in records):
+        out.append("on a CPU: the steps, memory (tensor bytes) and accuracy figures stand as they would on any "
+                   "device; the time figures (training time, images/s, time x AdamW, time-to-target) hold only for "
+                   "this CPU, only where not marked disturbed, and do not predict a GPU's")
+    return out
 
 
 # --- what ran ---------------------------------------------------------------------------------------
@@ -617,7 +643,8 @@ def time_to_target(records: list[dict[str, Any]]) -> pd.DataFrame:
                     hits.append((row.get("epoch"), row.get("train_time_s")))
                     break
         rows.append({"optimizer": opt, "target_acc": target, "runs": len(by_opt[opt]), "reached": len(hits),
-                     "epoch_mean": _mean([h[0] for h in hits]), "time_mean": _mean([h[1] for h in hits])})
+                     "epoch_mean": _mean([h[0] for h in hits]), "time_mean": _mean([h[1] for h in hits]),
+                     "timing_disturbed": sum(bool(record_disturbance(r)) for r in by_opt[opt])})
     return pd.DataFrame(rows)
 
 

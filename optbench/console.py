@@ -134,6 +134,15 @@ def run_summary(record: dict[str, Any], path: Any) -> str:
         f"  optimizer state {mib(record['optimizer_state_bytes'])}"
         + (f" for {record['param_count']:,} parameters" if record.get("param_count") is not None else ""),
     ]
+    timing = record.get("timing") if isinstance(record.get("timing"), dict) else {}
+    if timing.get("cpu_per_wall") is not None:
+        lines.append(f"  timing: process CPU {timing['train_cpu_time_s']:.1f}s over {record['train_wall_time_s']:.1f}s "
+                     f"of training ({timing['cpu_per_wall']:.2f} cores), calibration {1e3 * timing['calibration_before_s']:.1f}"
+                     f" ms before / {1e3 * timing['calibration_after_s']:.1f} ms after"
+                     + (": DISTURBED, the times do not stand (see the warning)" if timing.get("disturbed") else
+                        ": undisturbed"))
+    if record.get("compile_warmup_s") is not None:
+        lines.append(f"  compilation (untimed warm-up, not in the training time): {record['compile_warmup_s']:.1f}s")
     if record.get("hessian_updates") is not None:
         lines.append(f"  Hessian estimates: {record['hessian_updates']} in {record['steps']} steps")
     lines.append(f"  record: {path}" + (" (this run had finished already: reusing its record, nothing trained)"
@@ -156,6 +165,9 @@ def show_report(report: Any) -> None:
     details = getattr(report, "details", None)
     if details is not None and not details.empty:
         out.print(f"[dim]{environment_line(details)}[/dim]", soft_wrap=True)
+    for note in getattr(report, "timing", []):
+        color = "red" if "disturbed" in note else "dim"
+        out.print(f"[{color}]timing: {note}[/{color}]", soft_wrap=True)
     for note in getattr(report, "state_notes", []):
         out.print(f"[dim]optimizer state: {note}[/dim]", soft_wrap=True)
     for warning in getattr(report, "warnings", []):

@@ -23,9 +23,14 @@ from optbench.data import SPECS, ImageData, holdout_validation, load_dataset, st
 from optbench.diagnostics import StepDiagnostics
 from optbench.errors import ConfigError, DeviceError, OptbenchError
 from optbench.interrupt import StopOnSignal
-from optbench.measure import (cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
-                              training_flops_per_image)
+from optbench.measure import (CALIBRATION_MATMULS, CALIBRATION_REPEATS, CALIBRATION_SIZE, calibration_kernel,
+                              cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
+                              synchronize, training_flops_per_image)
 from optbench.models import build_model, model_facts, model_title, param_count, resolve_patch_size
+from optbench.timing import ADVICE as TIMING_ADVICE
+from optbench.timing import DOES_NOT_STAND as TIMING_DOES_NOT_STAND
+from optbench.timing import STANDS as TIMING_STANDS
+from optbench.timing import assess as assess_timing
 from optbench.optimizers import BuildContext, RunSettings, get_entry, library_versions
 from optbench.setup_cache import cached, flops_key, probe_key
 from optbench.records import SCHEMA_VERSION, ensure_writable, find_finished, utc_now, write_record
@@ -149,6 +154,57 @@ def batchnorm_warmup(model: torch.nn.Module, batches, amp) -> int:
             used += 1
     model.eval()
     return used
+
+
+def compile_warmup(train_model, model, optimizer, scheduler, entry, data: ImageData, config: RunConfig, amp,
+                   device: torch.device) -> float:
+    """Compile before the clock starts (an untimed warm-up, as airbench and AlgoPerf do); returns its seconds.
+
+    Runs COMPILE_WARMUP_STEPS real training steps through the compiled module (a Hessian step, when due,
+    runs the eager module as in training, so Sophia gets a compiled plain step too) and one evaluation
+    forward, then puts back everything they moved: weights, optimizer state and counters, the schedule and
+    every random stream. Training then starts exactly where it would have without the warm-up."""
+    import copy
+
+    start = time.perf_counter()
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    saved_scheduler = scheduler.state_dict() if scheduler is not None else None
+    saved_estimates = getattr(optimizer, "hessian_estimates_made", None)
+    saved_rng = capture_rng(device)
+    # Every batch shape training and evaluation will meet (a smaller last batch recompiles otherwise).
+    n_train, n_test = data.train_x.shape[0], data.test_x.shape[0]
+    train_sizes = [min(config.batch_size, n_train)] * COMPILE_WARMUP_STEPS + (
+        [n_train % config.batch_size] if n_train > config.batch_size and n_train % config.batch_size else [])
+    eval_sizes = [min(config.eval_batch_size, n_test)] + (
+        [n_test % config.eval_batch_size] if n_test > config.eval_batch_size and n_test % config.eval_batch_size else [])
+    entry.train_mode(optimizer)
+    for size in train_sizes:
+        hessian = entry.hessian_due(optimizer)
+        training_step(model if hessian else train_model, optimizer, entry, data.normalize(data.train_x[:size]),
+                      data.train_y[:size], amp, hessian)
+        if scheduler is not None:
+            scheduler.step()
+    entry.eval_mode(optimizer)
+    train_model.eval()
+    with torch.inference_mode(), amp:
+        for size in eval_sizes:
+            train_model(data.normalize(data.test_x[:size]))
+    train_model.train()
+    entry.train_mode(optimizer)
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_optimizer)
+    if scheduler is not None:
+        scheduler.load_state_dict(saved_scheduler)
+    if saved_estimates is not None:
+        optimizer.hessian_estimates_made = saved_estimates
+    restore_rng(saved_rng, device)
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+COMPILE_WARMUP_STEPS = 3  # Sophia: its first step is a Hessian step (eager), the next two compile
 
 
 def _build_optimizer(entry, model, hparams, context):
@@ -382,6 +438,11 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                                                                    config.augment), BN_WARMUP_BATCHES), amp)
 
     train_model = torch.compile(model) if config.compile else model
+    compile_warmup_s = None
+    if config.compile:
+        reporter.phase("compiling (untimed warm-up, weights and state restored after it)")
+        compile_warmup_s = compile_warmup(train_model, model, optimizer, scheduler, entry, data, config, amp, device)
+    calibration_before = calibration_kernel(device)  # the machine's speed just before training
     reset_cuda_peak(device)
     setup_step_done()
     reporter.phase("training")
@@ -400,6 +461,22 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         peak = probe["peak_bytes"] if probe else None
         peak_source = probe["source"] if probe else "not measured (memory probe off)"
         reserved = None
+    calibration_after = calibration_kernel(device)  # ... and just after
+    timing = {
+        "train_wall_time_s": result.train_time_s, "train_cpu_time_s": result.train_cpu_time_s,
+        "cpu_per_wall": result.train_cpu_time_s / result.train_time_s if result.train_time_s else None,
+        "threads": torch.get_num_threads(),
+        "calibration_kernel": f"{CALIBRATION_MATMULS} fp32 matmuls {CALIBRATION_SIZE.get(device.type, 256)}^2, "
+                              f"median of {CALIBRATION_REPEATS}",
+        "calibration_before_s": calibration_before["wall_s"], "calibration_after_s": calibration_after["wall_s"],
+        "calibration_before_cpu_per_wall": calibration_before["cpu_per_wall"],
+        "calibration_after_cpu_per_wall": calibration_after["cpu_per_wall"],
+    }
+    disturbed = assess_timing(timing, result.history, device.type)
+    timing.update(disturbed=bool(disturbed), disturbed_reasons=disturbed)
+    if disturbed:
+        reporter.warn(f"this run's timing was disturbed: {'; '.join(disturbed)}. Its {TIMING_STANDS}; its "
+                      f"{TIMING_DOES_NOT_STAND}: {TIMING_ADVICE}")
 
     history = result.history
     final = history[-1] if history and result.status == "ok" else None
@@ -420,6 +497,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "final_val_loss": final["test_loss"] if final and validation else None,
         "final_train_loss": final["train_loss"] if final else None,
         "train_wall_time_s": result.train_time_s,
+        "timing": timing,  # CPU time, calibration before/after, and whether the times were disturbed
+        "compile_warmup_s": compile_warmup_s,  # --compile: compilation, booked apart from training
         "eval_wall_time_s": result.eval_time_s,
         "total_wall_time_s": earlier_wall + time.perf_counter() - wall_start,
         "resumed": saved is not None,

@@ -25,21 +25,27 @@ def synchronize(device: torch.device) -> None:
 
 
 class Stopwatch:
-    """Accumulates synchronised wall-time over the intervals it is running."""
+    """Accumulates synchronised wall-time over the intervals it is running, and the process CPU time
+    (all its threads) over the same intervals: CPU time well below wall-time means the process waited
+    for a core (optbench/timing.py)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.total = 0.0
+        self.cpu_total = 0.0
         self._started: float | None = None
+        self._cpu_started = 0.0
 
     def start(self) -> None:
         synchronize(self.device)
         self._started = time.perf_counter()
+        self._cpu_started = time.process_time()
 
     def stop(self) -> float:
         synchronize(self.device)
         assert self._started is not None, "Stopwatch.stop() without start()"
         interval = time.perf_counter() - self._started
+        self.cpu_total += time.process_time() - self._cpu_started
         self.total += interval
         self._started = None
         return interval
@@ -59,6 +65,35 @@ class Stopwatch:
             yield
         finally:
             self.stop()
+
+
+CALIBRATION_SIZE = {"cpu": 256, "cuda": 2048}  # square fp32 matmul, per device type
+CALIBRATION_MATMULS = 20  # per repeat: ~20-40 ms on one CPU core, longer than a scheduler time slice
+CALIBRATION_REPEATS = 5
+
+
+def calibration_kernel(device: torch.device) -> dict[str, float]:
+    """Time a short fixed kernel (a "reference system time", Kaddour et al. 2023): CALIBRATION_REPEATS x
+    CALIBRATION_MATMULS products of one fixed fp32 matrix, synchronised, with the run's thread count.
+    Returns the median repeat's wall-time and its process CPU time / wall-time. The matrix comes from
+    its own generator: the run's random streams are not touched."""
+    import statistics
+
+    n = CALIBRATION_SIZE.get(device.type, 256)
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device) / n ** 0.5
+    walls, shares = [], []
+    a @ a  # untimed: first use of the thread pool (or a CUDA kernel's first launch) costs extra once
+    for _ in range(CALIBRATION_REPEATS):
+        synchronize(device)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        b = a
+        for _ in range(CALIBRATION_MATMULS):
+            b = a @ b
+        synchronize(device)
+        wall = time.perf_counter() - wall0
+        walls.append(wall)
+        shares.append((time.process_time() - cpu0) / wall if wall > 0 else float("nan"))
+    return {"wall_s": statistics.median(walls), "cpu_per_wall": statistics.median(shares)}
 
 
 def reset_cuda_peak(device: torch.device) -> None:

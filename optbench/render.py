@@ -45,23 +45,37 @@ def _mib(v: Any) -> str:
     return "-" if _missing(v) else f"{v / 2**20:,.1f} MiB"
 
 
+DISTURBED = "DISTURBED"  # beside a time figure whose run's timing was disturbed (optbench/timing.py)
+
+
+def _disturbed(r: Any) -> str:
+    n = r.get("timing_disturbed")
+    return "" if _missing(n) or not n else f" {DISTURBED}" + ("" if n == r.get("ok") else f" {int(n)}/{r.get('ok')}")
+
+
 def display_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The summary table as text, column names included: one shape for the terminal and Markdown."""
+    """The summary table as text, column names included: one shape for the terminal and Markdown.
+    A time figure from a run whose timing was disturbed carries DISTURBED (with how many of the
+    optimizer's runs, when not all); a ratio to AdamW carries it when either side's was."""
+    base = df[df.optimizer == BASELINE]
+    base_mark = _disturbed(base.iloc[0]) if len(base) else ""
     rows = []
     for _, r in df.iterrows():
+        mark = _disturbed(r)
         rows.append({
             "optimizer": title_of(r.optimizer),
             "runs ok/div/fail": f"{r.ok}/{r.diverged}/{r.failed}",
             "test acc": _pct(r.acc_mean, r.acc_std),
             "vs AdamW": _signed_pp(r.acc_diff),
-            "train time": _seconds(r.time_mean, r.time_std),
-            "time x AdamW": _ratio(r.time_ratio),
+            "train time": _seconds(r.time_mean, r.time_std) + mark,
+            "time x AdamW": _ratio(r.time_ratio) + (f" {DISTURBED}" if (mark or base_mark)
+                                                    and not _missing(r.time_ratio) else ""),
             "peak memory": _mib(r.peak_mean),
             "peak saving": _saving(r.peak_saving),
             "peak incl. data": _mib(r.get("peak_with_data_mean")),
             "optimizer state": _mib(r.state_bytes),
             "state saving": _saving(r.state_saving),
-            "images/s": "-" if _missing(r.throughput) else f"{r.throughput:,.0f}",
+            "images/s": ("-" if _missing(r.throughput) else f"{r.throughput:,.0f}") + mark,
         })
     return pd.DataFrame(rows)
 
@@ -75,7 +89,8 @@ def ttt_display(ttt: pd.DataFrame) -> pd.DataFrame:
             "target (AdamW final acc)": _pct(r.target_acc),
             "reached": f"{r.reached}/{r.runs}",
             "epoch": f"{r.epoch_mean:.1f}" if reached else "never",
-            "training time": _seconds(r.time_mean) if reached else "never",
+            "training time": (_seconds(r.time_mean) + _disturbed({"timing_disturbed": r.get("timing_disturbed"),
+                                                                  "ok": r.runs})) if reached else "never",
         })
     return pd.DataFrame(rows)
 
@@ -120,10 +135,12 @@ def environment_line(details: pd.DataFrame) -> str:
 def markdown_report(title: str, display: pd.DataFrame, sources: list[str], ttt: pd.DataFrame,
                     verdicts: list[Verdict], notes: list[str], details: pd.DataFrame | None = None,
                     state_notes: list[str] | None = None, warnings: list[str] | None = None,
-                    disagreement: str | None = None) -> str:
+                    disagreement: str | None = None, timing: list[str] | None = None) -> str:
     parts = [f"# {title}", "", display.to_markdown(index=False), ""]
     if sources:
         parts += ["Peak memory source: " + "; ".join(sources), ""]
+    if timing:
+        parts += ["## Timing", ""] + [f"- {n}" for n in timing] + [""]
     if state_notes:
         parts += ["Optimizer state:", ""] + [f"- {n}" for n in state_notes] + [""]
     if warnings:

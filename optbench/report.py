@@ -11,7 +11,7 @@ import pandas as pd
 from optbench.analysis import (DEFAULT_MARGIN, DEFAULT_RULE, Verdict, accuracy_verdicts, course_warnings,
                                memory_criterion, strict_rule_text, strict_verdicts,
                                missing_runs, model_facts_of, run_details, select_workload, state_notes, summary_table,
-                               time_to_target, update_size_notes, workload_id, workload_label)
+                               time_to_target, timing_notes, update_size_notes, workload_id, workload_label)
 from optbench.errors import RecordError
 from optbench.render import display_table, markdown_report, write_tables
 
@@ -32,6 +32,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # the course's common mistakes these runs make
     disagreement: str | None = None  # where the course's literal rule and the statistics part ways
     margin: float = DEFAULT_MARGIN
+    timing: list[str] = field(default_factory=list)  # disturbed timings, what stands, what to do
 
     @property
     def all_passed(self) -> bool:
@@ -68,7 +69,7 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
     display = display_table(table)
     report = Report(title, wid, table, display, ttt, verdicts, sources, notes, details=run_details(selection.records),
                     state_notes=state_notes(selection.records), warnings=course_warnings(selection.records),
-                    disagreement=disagreement, margin=margin)
+                    disagreement=disagreement, margin=margin, timing=timing_notes(selection.records))
     if out_dir is not None:
         try:
             _write_files(report, selection.records, out_dir, title, plots, diagnostics)
@@ -91,7 +92,7 @@ def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, t
     stem = f"comparison-{report.workload_id}"
     markdown = markdown_report(title, report.display, report.sources, report.time_to_target, report.verdicts,
                                report.notes, details=report.details, state_notes=report.state_notes,
-                               warnings=report.warnings, disagreement=report.disagreement)
+                               warnings=report.warnings, disagreement=report.disagreement, timing=report.timing)
     # The CSV carries what ran beside the numbers: each optimizer's hyperparameters, seeds, device, versions.
     csv = report.table.drop(columns=["seeds"], errors="ignore")
     if not report.details.empty:

@@ -50,6 +50,7 @@ class TrainResult:
     images_seen: int = 0
     hessian_steps: int = 0  # steps that fed a Hessian estimate (the optimizer counts its estimates itself)
     train_time_s: float = 0.0
+    train_cpu_time_s: float = 0.0  # process CPU time (all threads) over the same intervals as train_time_s
     eval_time_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     # Where to continue: epochs fully done, and steps already taken in the next one.
@@ -131,6 +132,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
     result = resume or TrainResult()
     train_clock, eval_clock = Stopwatch(device), Stopwatch(device)
     train_clock.total, eval_clock.total = result.train_time_s, result.eval_time_s
+    train_clock.cpu_total = result.train_cpu_time_s
     steps_dev = torch.full((), result.steps, dtype=torch.int64, device=device)  # step counter, on the device
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     steps_per_epoch = -(-data.train_x.shape[0] // batch_size)
@@ -139,6 +141,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
         if train_clock.running_now:
             train_clock.stop()
         result.train_time_s, result.eval_time_s = train_clock.total, eval_clock.total
+        result.train_cpu_time_s = train_clock.cpu_total
 
     try:
         for epoch in range(result.epochs_done + 1, epochs + 1):
@@ -198,6 +201,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
                 "test_loss": test_loss,
                 "test_acc": test_acc,
                 "train_time_s": train_clock.total,
+                "train_cpu_time_s": train_clock.cpu_total,  # process CPU time, cumulative like train_time_s
                 "steps": result.steps,
                 "lr": step_lr,  # the lr of the epoch's last step
             }
