@@ -383,6 +383,8 @@ def report(
                              "95% lower bound) or both"),
     diagnostics: bool = typer.Option(False, "--diagnostics", help="also plot the optimizer diagnostics recorded "
                                      "in the runs (gradient norm, update size, Sophia's clipping, ...)"),
+    html: bool = typer.Option(False, "--html", help="also write one self-contained HTML page to hand in: table, "
+                              "verdicts and why, figures embedded, config, hyperparameters, seeds, versions, device"),
 ) -> None:
     """Redraw the comparison table, criteria and figures from existing run records, without training."""
     from optbench.config import margin_fraction
@@ -403,7 +405,7 @@ def report(
         for problem in loaded.problems:
             console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
         report = build_report(loaded.records, out or results_dir, workload=workload, margin=margin_frac,
-                              problems=loaded.problems, diagnostics=diagnostics)
+                              problems=loaded.problems, diagnostics=diagnostics, html=html)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     show_report(report)

@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from optbench.analysis import optimizer_order  # noqa: E402
+from optbench.analysis import MEMORY_TARGET, optimizer_order, summary_table  # noqa: E402
+from optbench.optimizers import BASELINE  # noqa: E402
 from optbench.optimizers import color_of, title_of  # noqa: E402
 
 PARTS = ("params", "grads", "optimizer_state", "activations", "backward_temporaries", "step_temporaries", "inputs")
@@ -32,8 +33,21 @@ def _series(runs: list[dict[str, Any]], x_key: str, y_key: str, length: int) -> 
     return xs, (ys * 100 if y_key == "test_acc" else ys)
 
 
+def timing_disturbed(record: dict[str, Any]) -> list[str]:
+    """Why a run's timing was disturbed (a busy machine), from the record's `timing` block if it has one
+    (`disturbed`, `disturbed_reasons`); [] for an undisturbed run or a record without the block."""
+    timing = record.get("timing")
+    if not isinstance(timing, dict) or not timing.get("disturbed"):
+        return []
+    reasons = timing.get("disturbed_reasons")
+    return [str(r) for r in reasons] if isinstance(reasons, list) and reasons else ["flagged disturbed"]
+
+
 def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    """Test accuracy and train loss per epoch and against training wall-time; seed bands (min-max)."""
+    """Test accuracy and train loss per epoch and against training wall-time; seed bands (min-max).
+
+    Runs whose timing was disturbed (`timing_disturbed`) are drawn again on the wall-time panels as red
+    crosses, and a line under the title names them: their time axis does not stand."""
     groups = _by_optimizer(records)
     if not groups:
         return None
@@ -56,14 +70,28 @@ def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Pa
                 xs, ys = _series([rec], x_key, y_key, len(rec["history"]))
                 ax.plot(xs[0], ys[0], "--", color=color, marker="x", markersize=4,
                         label=f"{title_of(opt)} diverged" if i == 0 and not finished else None)
+    disturbed = [r for runs in groups.values() for r in runs if timing_disturbed(r)]
+    for i, rec in enumerate(disturbed):  # the time panels only: epochs and accuracies stand regardless
+        for x_key, y_key, ax in panels[2:]:
+            xs, ys = _series([rec], x_key, y_key, len(rec["history"]))
+            ax.plot(xs[0], ys[0], linestyle="none", marker="x", color="red", markersize=8,
+                    label="timing disturbed" if i == 0 else None)
     for x_key, y_key, ax in panels:
-        ax.set_xlabel("epoch" if x_key == "epoch" else "training wall-time (s)")
+        if x_key != "epoch" and disturbed:
+            ax.legend(fontsize=8)
+        ax.set_xlabel("epoch" if x_key == "epoch" else "training wall-time (s)"
+                      + (" - red x: timing disturbed" if disturbed and x_key != "epoch" else ""))
         ax.set_ylabel("test accuracy (%)" if y_key == "test_acc" else "train loss")
         ax.grid(alpha=0.3)
         if y_key == "train_loss":
             ax.set_yscale("log")
     axes[0, 0].legend()
-    fig.suptitle(title)
+    if disturbed:
+        names = ", ".join(f"{title_of(r['optimizer'])} seed {r['config'].get('seed')}" for r in disturbed)
+        fig.suptitle(f"{title}\ntiming disturbed (busy machine): {names}; their wall-times do not stand, "
+                     "rerun with --rerun on an idle machine", color="darkred")
+    else:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -74,16 +102,26 @@ def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path 
     """Stacked bars of each optimizer's measured step peak, split into what MemTracker attributed.
 
     Sophia gets two bars: its plain step and its Hessian step (which sets its peak). Where a CUDA
-    allocator peak was measured over the whole training, it is drawn as a black tick on the bar.
+    allocator peak was measured over the whole training, it is drawn as a black tick on the bar. Each
+    optimizer's peak saving against AdamW (the comparison table's, from the records' peaks) is written
+    beside its bar, and a dashed line marks the course's target: 30% below AdamW's peak.
     """
+    table = summary_table(records)
+    savings = dict(zip(table.optimizer, table.peak_saving)) if "peak_saving" in table else {}
+    base_peak = next(iter(table.loc[table.optimizer == BASELINE, "peak_mean"]), None) if len(table) else None
     bars: list[tuple[str, dict[str, float], float | None]] = []
+    saving_at: dict[int, float] = {}  # bar index -> the optimizer's peak saving, on the bar that sets its peak
     for opt, runs in _by_optimizer(records).items():
         rec = runs[0]
         breakdown = rec.get("memory_breakdown") or {}
         cuda_peak = rec.get("peak_memory_bytes") if "cuda" in str(rec.get("peak_memory_source")) else None
-        for step_key, suffix in (("plain_step", ""), ("hessian_step", " (Hessian step)")):
-            if isinstance(breakdown.get(step_key), dict):
-                bars.append((title_of(opt) + suffix, breakdown[step_key], cuda_peak))
+        steps = [(k, s) for k, s in (("plain_step", ""), ("hessian_step", " (Hessian step)"))
+                 if isinstance(breakdown.get(k), dict)]
+        for step_key, suffix in steps:
+            bars.append((title_of(opt) + suffix, breakdown[step_key], cuda_peak))
+        if steps and opt != BASELINE and savings.get(opt) is not None and not np.isnan(savings[opt]):
+            tallest = max(range(len(bars) - len(steps), len(bars)), key=lambda i: bars[i][1].get("peak_bytes", 0))
+            saving_at[tallest] = savings[opt]
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(12, 1.2 + 0.6 * len(bars)))
@@ -100,9 +138,19 @@ def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path 
         if cuda_peak:
             ax.plot([cuda_peak / 2**20] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2,
                     label="CUDA allocator peak" if i == 0 else None)
+    for i, saving in saving_at.items():
+        ax.annotate(f"{-100 * saving:.1f}% more peak than AdamW" if saving < 0 else f"saves {100 * saving:.1f}% of AdamW's peak",
+                    (left[i], i), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8,
+                    color="darkgreen" if saving >= MEMORY_TARGET else "black")
+    target = None
+    if base_peak is not None and not np.isnan(base_peak):
+        target = (1 - MEMORY_TARGET) * base_peak / 2**20
+        ax.axvline(target, color="darkred", linestyle="--", linewidth=1.2,
+                   label=f"course target: {100 * MEMORY_TARGET:.0f}% below AdamW's peak ({target:,.0f} MiB)")
+    ax.set_xlim(0, max(left.max(), target or 0) * 1.3)  # room for the saving labels
     ax.set_yticks(y, [b[0] for b in bars])
     ax.invert_yaxis()
-    ax.set_xlabel("MiB (tensor memory at the step's peak, torch MemTracker)")
+    ax.set_xlabel("MiB (tensor memory at the step's peak, torch MemTracker); % = peak saving vs AdamW")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title)
     fig.tight_layout()

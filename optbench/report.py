@@ -50,10 +50,12 @@ class Report:
 
 def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: str | None = None,
                  margin: float = DEFAULT_MARGIN, expected_optimizers: list[str] | None = None,
-                 problems: list[str] | None = None, plots: bool = True, diagnostics: bool = False) -> Report:
+                 problems: list[str] | None = None, plots: bool = True, diagnostics: bool = False,
+                 html: bool = False) -> Report:
     """Analyse one workload's records; with `out_dir`, also write CSV, Markdown and PNG files there.
     `diagnostics`: also each optimizer's update size per unit lr against the baseline's (a note) and a
-    figure of the optimizer diagnostics recorded in the runs' history."""
+    figure of the optimizer diagnostics recorded in the runs' history. `html`: also one self-contained
+    HTML page of the report with the figures embedded (optbench/html_report.py)."""
     selection = select_workload(records, workload)
     wid = workload_id(selection.workload)
     title = f"optbench comparison: {workload_label(selection.workload, model_facts_of(selection.records))}"
@@ -72,7 +74,7 @@ def build_report(records: list[dict[str, Any]], out_dir: Path | None, workload: 
                     disagreement=disagreement, margin=margin, timing=timing_notes(selection.records))
     if out_dir is not None:
         try:
-            _write_files(report, selection.records, out_dir, title, plots, diagnostics)
+            _write_files(report, selection.records, out_dir, title, plots, diagnostics, html)
         except OSError as exc:
             raise RecordError(f"cannot write the report files to {out_dir} ({exc.strerror or exc}): "
                               "choose a writable folder with --out") from None
@@ -87,7 +89,7 @@ def _implementations(records: list[dict[str, Any]]) -> str:
 
 
 def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, title: str, plots: bool,
-                 diagnostics: bool = False) -> None:
+                 diagnostics: bool = False, html: bool = False) -> None:
     """CSV (raw numbers), Markdown (the rendered report) and PNG figures, named by workload id."""
     stem = f"comparison-{report.workload_id}"
     markdown = markdown_report(title, report.display, report.sources, report.time_to_target, report.verdicts,
@@ -111,3 +113,16 @@ def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, t
             path = diagnostics_curves(records, out_dir / f"{stem}-diagnostics.png", title)
             if path is not None:
                 report.files.append(path)
+    if html:
+        from optbench.html_report import render_html
+
+        captions = {"-curves.png": "Test accuracy and train loss per epoch and per training wall-time (red x: timing "
+                                   "disturbed)",
+                    "-memory.png": "Where each optimizer's step peak goes, its peak saving vs AdamW in %, and the "
+                                   "course's 30% line",
+                    "-diagnostics.png": "Optimizer diagnostics recorded in the runs"}
+        figures = [(p, caption) for p in report.files for suffix, caption in captions.items()
+                   if p.name == f"{stem}{suffix}"]
+        page = out_dir / f"{stem}.html"
+        page.write_text(render_html(report, records, figures), encoding="utf-8")
+        report.files.append(page)

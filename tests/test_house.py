@@ -76,7 +76,7 @@ def test_no_module_but_the_model_registry_names_a_model():
 
 
 def test_analysis_and_renderers_import_no_torch():
-    code = ("import sys; import optbench.analysis, optbench.render, optbench.report; "
+    code = ("import sys; import optbench.analysis, optbench.render, optbench.report, optbench.html_report; "
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})

@@ -1,0 +1,139 @@
+"""One self-contained HTML page to hand in: the comparison report with its figures embedded.
+
+Built from the same analysis results the text and Markdown reports print (an `optbench.report.Report`:
+its table, verdicts and their reasons, the literal/statistical disagreement, time to target, what ran);
+nothing is re-derived here. Figures are the PNG files the report wrote, embedded as base64 data URIs,
+so the page needs no other file and no network. The page has no script. Every text that comes from a
+record (optimizer names, hyperparameters, device names, status details, ...) is escaped with
+`html.escape`: a record cannot inject markup or code into the page.
+
+Each section has an id (results, verdicts, figures, hyperparameters, seeds, config, environment, notes)
+and each verdict one too (verdict-memory, verdict-accuracy-literal, verdict-accuracy-statistical), which
+the browser test looks for.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from optbench.render import details_display, environment_line, ttt_display, verdict_text
+
+# Record config keys that are not about the workload or are shown per optimizer elsewhere.
+_CONFIG_SKIP = ("optimizer", "hparams", "seed", "results_dir", "data_dir", "download", "log_every")
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; line-height: 1.4; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .92em; }
+th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: right; vertical-align: top; }
+th:first-child, td:first-child { text-align: left; }
+td.text { text-align: left; font-family: ui-monospace, monospace; font-size: .9em; word-break: break-all; }
+.pass { color: #176c2d; font-weight: bold; } .fail { color: #b00020; font-weight: bold; }
+.undecided { color: #8a6d00; font-weight: bold; }
+.verdict { margin: .8em 0; padding: .5em .8em; border-left: 4px solid #ccc; background: #fafafa; }
+.disagreement { font-weight: bold; background: #fff4e5; padding: .5em .8em; }
+img { max-width: 100%; border: 1px solid #ddd; }
+.small { color: #555; font-size: .9em; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(df: pd.DataFrame, text_columns: tuple[str, ...] = ()) -> str:
+    if df.empty:
+        return "<p class=small>(none)</p>"
+    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
+    rows = []
+    for _, row in df.iterrows():
+        cells = "".join(f"<td class=text>{_e(v)}</td>" if c in text_columns else f"<td>{_e(v)}</td>"
+                        for c, v in zip(df.columns, row))
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _verdict(verdict: Any) -> str:
+    lines = verdict_text(verdict)
+    css = {True: "pass", False: "fail", None: "undecided"}[verdict.passed]
+    mark, _, rest = lines[0].partition("] ")
+    reasons = "".join(f"<li>{_e(line.strip())}</li>" for line in lines[1:])
+    section = {"memory": "memory", "accuracy_literal": "accuracy-literal",
+               "accuracy_statistical": "accuracy-statistical"}.get(getattr(verdict, "key", ""), "")
+    return (f"<div class=verdict{f' id=verdict-{section}' if section else ''}>"
+            f"<span class={css}>{_e(mark.lstrip('['))}</span> {_e(rest)}"
+            + (f"<ul>{reasons}</ul>" if reasons else "") + "</div>")
+
+
+def _image(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}"><figcaption class=small>{_e(alt)}' \
+           "</figcaption></figure>"
+
+
+def workload_config(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The run config shared by the records (the workload), one setting per row; a setting that differs
+    between runs lists each value."""
+    keys: list[str] = []
+    for rec in records:
+        for key in rec.get("config") or {}:
+            if key not in keys and key not in _CONFIG_SKIP:
+                keys.append(key)
+    rows = []
+    for key in keys:
+        values = sorted({str((rec.get("config") or {}).get(key)) for rec in records})
+        rows.append({"setting": key, "value": "; ".join(values)})
+    return pd.DataFrame(rows)
+
+
+def render_html(report: Any, records: list[dict[str, Any]], figures: list[tuple[Path, str]]) -> str:
+    """The page for `report` (optbench.report.Report) of `records`; `figures`: (PNG path, caption)."""
+    parts = ["<!DOCTYPE html>", "<html lang=en><head><meta charset=utf-8>",
+             f"<title>{_e(report.title)}</title>", f"<style>{CSS}</style></head><body>",
+             f"<h1>{_e(report.title)}</h1>",
+             f"<p class=small>workload id {_e(report.workload_id)}; {len(records)} run record(s). Generated by "
+             "<code>optbench report --html</code> from the run records alone.</p>"]
+
+    parts += ["<section id=results><h2>Results</h2>",
+              _table(report.display)]
+    if report.sources:
+        parts.append(f"<p class=small>Peak memory source: {_e('; '.join(report.sources))}</p>")
+    if report.state_notes:
+        parts.append("<ul class=small>" + "".join(f"<li>{_e(n)}</li>" for n in report.state_notes) + "</ul>")
+    if not report.time_to_target.empty:
+        parts += ["<h3>Time to AdamW's final accuracy</h3>", _table(ttt_display(report.time_to_target))]
+    parts.append("</section>")
+
+    parts.append("<section id=verdicts><h2>The course's criteria</h2>")
+    parts += [_verdict(v) for v in report.verdicts]
+    if report.disagreement:
+        parts.append(f"<p class=disagreement id=disagreement>{_e(report.disagreement)}</p>")
+    if report.warnings:
+        parts += ["<h3>The course's common mistakes in these runs</h3><ul>"]
+        parts += [f"<li>{_e(w)}</li>" for w in report.warnings] + ["</ul>"]
+    parts.append("</section>")
+
+    parts.append("<section id=figures><h2>Figures</h2>")
+    parts += [_image(path, caption) for path, caption in figures] or ["<p class=small>(no figures)</p>"]
+    parts.append("</section>")
+
+    details = report.details if isinstance(report.details, pd.DataFrame) else pd.DataFrame()
+    shown = details_display(details) if not details.empty else pd.DataFrame()
+    parts += ["<section id=hyperparameters><h2>Hyperparameters per optimizer</h2>",
+              _table(shown.drop(columns=["seeds"], errors="ignore"), text_columns=("hyperparameters",)),
+              "</section>"]
+    parts += ["<section id=seeds><h2>Seeds</h2>",
+              _table(shown[["optimizer", "seeds"]] if "seeds" in shown else shown), "</section>"]
+    parts += ["<section id=config><h2>Config (the workload, shared by every run)</h2>",
+              _table(workload_config(records), text_columns=("value",)), "</section>"]
+    parts += ["<section id=environment><h2>Device and library versions</h2>",
+              f"<p>{_e(environment_line(details)) if not details.empty else '(not recorded)'}</p>",
+              "</section>"]
+    parts += ["<section id=notes><h2>Notes</h2><ul>"] + [f"<li>{_e(n)}</li>" for n in report.notes] \
+        + ["</ul></section>", "</body></html>"]
+    return "\n".join(parts) + "\n"
