@@ -5,6 +5,10 @@
 
 Sections (every process runs with OMP_NUM_THREADS=MKL_NUM_THREADS=1 and one intra-op torch thread;
 the two sides of a comparison alternate, A B A B ..., and the median and min-max are printed):
+  imports where a fresh process's import time goes, stage by stage in the order a run meets them: the CLI
+          (typer, rich, yaml, the registry), torch, torch._dynamo (torch.optim imports it when the first
+          optimizer is built, torchvision.ops when it is imported), torchvision (timm.layers imports it),
+          timm (its package init imports every layer and model module), the library versions.
   dryrun  `optbench run -o adamw --preset smoke --dry-run`: process wall time.
   setup   a smoke run (`run -o adamw --preset smoke --epochs 1`) twice in a fresh results and data folder:
           set-up = record's total_wall_time_s - train_wall_time_s - eval_wall_time_s (the record's own
@@ -13,6 +17,9 @@ the two sides of a comparison alternate, A B A B ..., and the median and min-max
           training (process wall - training - evaluation). The first run measures (cold), the second
           reuses the probe, the FLOP count and the digits split (warm). With --before, the same for that
           source tree (e.g. a worktree of the commit before issue 17), interleaved.
+  inproc  a second smoke run in the same process, as `compare` runs seeds and `tune` runs trials:
+          `compare --preset smoke --optimizers adamw --seeds 0,1,2` (8 epochs each), set-up in each record.
+          compare loads the dataset once before the first run (outside both records' clocks).
   compare `optbench compare --preset smoke` end to end (four optimizers, fresh results folder), after and,
           with --before, before.
   timm    whole process: `optbench run -o adamw --preset smoke` against timm's train.py on the same
@@ -20,11 +27,14 @@ the two sides of a comparison alternate, A B A B ..., and the median and min-max
           written once as an image folder train/ validation/ with one PNG per image: the folder layout
           train.py reads natively, no change to the script), batch 32, AdamW lr 1e-3 weight decay 0.05,
           8 epochs, cosine per step with warmup, no augmentation, no label smoothing, evaluation each
-          epoch, data loading in the main process (-j 0), CPU. Differences we cannot remove: timm warms up
-          in whole epochs (1 epoch = 45 steps; optbench 36 = 10% of the run) from warmup-lr 0, saves
-          checkpoints (--checkpoint-hist 1), and decodes PNGs each epoch (that is what train.py does).
+          epoch, data loading in the main process (-j 0), CPU. Differences we cannot remove: timm's
+          training loader drops the last partial batch (44 steps per epoch, 352 in all; optbench 45, 360),
+          timm warms up in whole epochs (1 epoch; optbench 36 steps = 10% of the run) from warmup-lr 0,
+          saves checkpoints (--checkpoint-hist 1), and decodes PNGs each epoch (that is what train.py does).
           optbench runs warm (its cache filled by one earlier run, as in any compare or tune after the first
-          run); a cold optbench run is printed too.
+          run); a cold optbench run is printed too. Each pair alternates which side runs first. Besides
+          wall time, each process's CPU time (user + system, from getrusage) is printed: on a shared
+          machine it moves much less with the load than wall time does.
 
 timm's train.py is not in the timm wheel nor in its source distribution on PyPI (timm-1.0.31.tar.gz holds
 only the package): pass --timm-train with a copy of train.py from github.com/huggingface/pytorch-image-models
@@ -36,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("dryrun", "setup", "compare", "timm")
+SECTIONS = ("imports", "dryrun", "setup", "inproc", "compare", "timm")
 
 
 def env_for(src: Path) -> dict[str, str]:
@@ -54,13 +65,21 @@ def env_for(src: Path) -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
+def timed_cpu(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
+    """(process wall s, process CPU s = user + system of the child, its stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return wall
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, proc.stdout
+
+
+def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
+    return timed_cpu(cmd, env, cwd)[0]
 
 
 def optbench_cmd(*args: str) -> list[str]:
@@ -117,6 +136,59 @@ def bench_setup(srcs: dict[str, Path], pairs: int, out: dict[str, Any]) -> None:
     out["setup"] = rows
 
 
+IMPORT_STAGES = '''
+import json, time
+stages, t = {}, time.perf_counter()
+def mark(name):
+    global t
+    now = time.perf_counter(); stages[name] = now - t; t = now
+import optbench.cli; mark("optbench.cli (typer, rich, yaml, the registry)")
+import torch; mark("torch")
+import torch._dynamo; mark("torch._dynamo (torch.optim imports it at the first optimizer; torchvision.ops too)")
+import torchvision; mark("torchvision (timm.layers imports torchvision.ops)")
+import timm; mark("timm (its package init: every layer and model module, timm.data, its hub code)")
+from optbench.optimizers import library_versions; library_versions(); mark("library versions (importlib.metadata)")
+print(json.dumps(stages))
+'''
+
+
+def bench_imports(srcs: dict[str, Path], pairs: int, out: dict[str, Any]) -> None:
+    """Where a fresh process's import time goes, stage by stage, in the order a run meets them."""
+    rows: dict[str, list[float]] = {}
+    for _ in range(pairs):
+        with tempfile.TemporaryDirectory() as tmp:
+            _, _, stdout = timed_cpu([sys.executable, "-c", IMPORT_STAGES], env_for(srcs["after"]), Path(tmp))
+        for stage, seconds in json.loads(stdout.strip().splitlines()[-1]).items():
+            rows.setdefault(stage, []).append(seconds)
+    for stage, values in rows.items():
+        print(f"imports {stage} s: {stats(values)}")
+    print(f"imports total s: {stats([sum(v) for v in zip(*rows.values())])}")
+    out["imports"] = rows
+
+
+def bench_inproc(srcs: dict[str, Path], pairs: int, out: dict[str, Any]) -> None:
+    """A second smoke run in the same process (as `compare` runs seeds and `tune` runs trials): set-up in the
+    record of seed 0 (measures the probe and the FLOP count) and of seeds 1 and 2 (reuse both), 8 epochs each."""
+    rows: dict[str, dict[str, list[float]]] = {name: {} for name in srcs}
+    for _ in range(pairs):
+        for name, src in srcs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                results = Path(tmp) / "results"
+                timed(optbench_cmd("compare", "--preset", "smoke", "--optimizers", "adamw", "--seeds", "0,1,2",
+                                   "--results-dir", str(results), "-q"), env_for(src), Path(tmp))
+                records = sorted((json.loads(p.read_text()) for p in results.glob("digits-*.json")),
+                                 key=lambda r: r["config"]["seed"])
+                for rec in records:
+                    label = "first (seed 0)" if rec["config"]["seed"] == 0 else "later (seeds 1, 2)"
+                    inside = rec["total_wall_time_s"] - rec["train_wall_time_s"] - rec["eval_wall_time_s"]
+                    rows[name].setdefault(label, []).append(inside)
+    for name, table in rows.items():
+        for label, values in table.items():
+            print(f"inproc [{name}] `compare --optimizers adamw --seeds 0,1,2`, {label} run: set-up in the record s: "
+                  f"{stats(values)}")
+    out["inproc"] = rows
+
+
 def bench_compare(srcs: dict[str, Path], pairs: int, out: dict[str, Any]) -> None:
     times: dict[str, list[float]] = {name: [] for name in srcs}
     for _ in range(pairs):
@@ -162,29 +234,40 @@ def bench_timm(src: Path, train_py: Path, pairs: int, out: dict[str, Any]) -> No
         mean, std = digits_image_folder(work / "digits")
         results = work / "results"
         cold, cold_rec = smoke_run(src, work, results, epochs=None)  # fills the cache: later runs are warm
-        ob, tm, ratios, setups = [], [], [], []
+        ob, tm, ratios, setups, ob_cpu, tm_cpu, cpu_ratios = [], [], [], [], [], [], []
+        run_args = ("run", "-o", "adamw", "--preset", "smoke", "--results-dir", str(results), "-q")
         for i in range(pairs):
-            a, rec = smoke_run(src, work, results, epochs=None)
-            b = timed(timm_cmd(train_py, work / "digits", work / f"timm-out-{i}", mean, std),
-                      dict(env_for(src), PYTHONPATH=""), work)
-            ob.append(a)
-            tm.append(b)
+            # Alternate which side goes first, so a load change between the two halves of a pair cancels out.
+            sides = [("optbench", lambda: timed_cpu(optbench_cmd(*run_args), env_for(src), work)),
+                     ("timm", lambda i=i: timed_cpu(timm_cmd(train_py, work / "digits", work / f"timm-out-{i}", mean,
+                                                             std), dict(env_for(src), PYTHONPATH=""), work))]
+            measured = {}
+            for side, run in (sides if i % 2 == 0 else sides[::-1]):
+                measured[side] = run()[:2]
+            (a, a_cpu), (b, b_cpu) = measured["optbench"], measured["timm"]
+            rec = newest_record(results)
+            ob.append(a), tm.append(b), ob_cpu.append(a_cpu), tm_cpu.append(b_cpu)
             ratios.append(a / b)
+            cpu_ratios.append(a_cpu / b_cpu)
             setups.append(rec["total_wall_time_s"] - rec["train_wall_time_s"] - rec["eval_wall_time_s"])
-            print(f"  pair {i}: optbench {a:.1f} s (test acc {rec['final_test_acc']:.3f}), timm train.py {b:.1f} s")
+            print(f"  pair {i}: optbench {a:.1f} s wall, {a_cpu:.1f} s CPU (test acc {rec['final_test_acc']:.3f}); "
+                  f"timm train.py {b:.1f} s wall, {b_cpu:.1f} s CPU; load {os.getloadavg()[0]:.1f}", flush=True)
         summary = work / "timm-out-0"
         accs = sorted(summary.rglob("summary.csv"))
         if accs:
-            print(f"  timm's last epoch (pair 0): {accs[0].read_text().strip().splitlines()[-1]}")
+            print(f"  timm's last epoch (pair 0; epoch, train loss, eval loss, top1, top5, lr): "
+                  f"{accs[0].read_text().strip().splitlines()[-1]}")
         print(f"timm optbench (first, cold) process wall s: {cold:.1f}")
-        print(f"timm optbench (warm) process wall s: {stats(ob)}")
+        print(f"timm optbench (warm) process wall s: {stats(ob)}; CPU s: {stats(ob_cpu)}")
         print(f"timm optbench 8-epoch smoke run, set-up in the record (total - train - eval) s: first (cold) "
               f"{cold_rec['total_wall_time_s'] - cold_rec['train_wall_time_s'] - cold_rec['eval_wall_time_s']:.2f}, "
               f"later (warm) {stats(setups)}")
-        print(f"timm timm train.py process wall s: {stats(tm)}")
-        print(f"RATIO optbench / timm train.py (whole process): {stats(ratios)}  target <= 0.80  "
+        print(f"timm timm train.py process wall s: {stats(tm)}; CPU s: {stats(tm_cpu)}")
+        print(f"RATIO optbench / timm train.py (whole process, wall): {stats(ratios)}  target <= 0.80  "
               f"{'PASS' if statistics.median(ratios) <= 0.8 else 'MISS'}")
-        out["timm"] = {"optbench": ob, "timm": tm, "ratios": ratios, "optbench_cold": cold, "optbench_setup": setups}
+        print(f"ratio optbench / timm train.py (whole process, CPU time, less sensitive to load): {stats(cpu_ratios)}")
+        out["timm"] = {"optbench": ob, "timm": tm, "ratios": ratios, "optbench_cpu": ob_cpu, "timm_cpu": tm_cpu,
+                       "cpu_ratios": cpu_ratios, "optbench_cold": cold, "optbench_setup": setups}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -201,10 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     srcs = {"after": ROOT, **({"before": args.before.resolve()} if args.before else {})}
     print(load_note())
     out: dict[str, Any] = {"load_average_start": os.getloadavg()}
+    if "imports" in sections:
+        bench_imports(srcs, args.pairs, out)
     if "dryrun" in sections:
         bench_dryrun(srcs, args.pairs, out)
     if "setup" in sections:
         bench_setup(srcs, args.pairs, out)
+    if "inproc" in sections:
+        bench_inproc(srcs, max(1, args.pairs // 2), out)
     if "compare" in sections:
         bench_compare(srcs, max(1, args.pairs // 2), out)
     if "timm" in sections:
