@@ -196,7 +196,8 @@ def compare(
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
     results_dir: Optional[str] = typer.Option(None, help="where records and the report go (default results/PRESET)"),
     rerun: bool = typer.Option(False, "--rerun", help="run again even where a finished record exists"),
-    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
+    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin of the statistical reading, in "
+                                 "percentage points (0: a superiority-or-equal test)"),
     strict: bool = typer.Option(False, "--strict", help="exit 4 unless the memory criterion and the accuracy "
                                 "reading(s) chosen by --rule pass"),
     rule: str = typer.Option("both", help="accuracy reading --strict enforces: literal (the course's rule as "
@@ -322,7 +323,8 @@ def tune(
     download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
     results_dir: Optional[str] = typer.Option(None, help="where records, the study and reports go (default "
                                                           "results/PRESET)"),
-    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
+    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin of the statistical reading, in "
+                                 "percentage points (0: a superiority-or-equal test)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP + "; trials and final runs alike"),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
@@ -375,7 +377,8 @@ def report(
                                                  "default: the folder under ./results holding the newest record)"),
     workload: Optional[str] = typer.Option(None, help="workload id, when the folder holds several"),
     out: Optional[Path] = typer.Option(None, help="where to write tables and figures (default RESULTS_DIR)"),
-    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin, in percentage points"),
+    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin of the statistical reading, in "
+                                 "percentage points (0: a superiority-or-equal test)"),
     strict: bool = typer.Option(False, "--strict", help="exit 4 unless the memory criterion and the accuracy "
                                 "reading(s) chosen by --rule pass"),
     rule: str = typer.Option("both", help="accuracy reading --strict enforces: literal (the course's rule as "

@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from optbench.analysis import DEFAULT_MARGIN, Verdict, optimizer_order
+from optbench.analysis import DEFAULT_MARGIN, Verdict, model_facts_of, optimizer_order
 from optbench.errors import RecordError
-from optbench.models import model_title
+from optbench.models import model_label, model_title
 from optbench.records import finished_runs
 from optbench.render import tuning_display, tuning_markdown
 from optbench.report import Report, build_report
@@ -56,8 +56,11 @@ def build_tuning_report(outcome: TuneOutcome, margin: float = DEFAULT_MARGIN, wr
         curves[opt] = tuning_curve([score(budget.settled[s]) for s in sorted(budget.settled)], seed=plan.seed)
         sensitivity[opt] = lr_sensitivity(budget.settled)
     base = specs[names[0]].base
-    workload = (f"{base.dataset}, {model_title(base.model)}" + (f" depth {base.depth}" if base.depth else "")
-                + f", {base.epochs} epochs, batch {base.batch_size}, {base.device}/{base.precision}")
+    facts = model_facts_of([*outcome.tuned_records, *outcome.default_records, *trial_records.values()])
+    model = model_label(facts) if facts else (model_title(base.model) + (f", patch {base.patch_size}" if base.patch_size
+                                                                        else "")
+                                              + (f", depth {base.depth}" if base.depth else ""))
+    workload = f"{base.dataset}, {model}, {base.epochs} epochs, batch {base.batch_size}, {base.device}/{base.precision}"
     title = f"optbench tune ({plan.space}, {plan.budget} trials per optimizer): {workload}"
     protocol = [
         f"every optimizer: {plan.budget} trials ({'grid points' if plan.space == 'grid' else 'scrambled Sobol points'}"

@@ -2,7 +2,7 @@
 report's marks, and real tiny runs beside CPU burner processes and on an idle machine.
 
 Why these real-run tests are not flaky on a shared 2-core machine:
-- The loaded test starts 3 burner processes per core (6 on 2 cores) before training. A one-thread run then
+- The loaded test starts 3 burner processes per usable core (6 on 2 cores) just before training. A one-thread run then
   gets at most 2 cores / 7 runnable processes ~ 0.29 of a core, whatever else the machine is doing
   (other load only lowers it further), against a threshold of 0.5: a margin of 1.7x.
 - The idle test cannot make the machine idle. It measures, from /proc/stat, how much CPU every other
@@ -118,7 +118,7 @@ def test_a_run_beside_cpu_burners_is_flagged_and_the_report_says_so(tmp_path, mo
     def calibration_with_burners_started(device):
         if not burners:
             burners.extend(subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                           for _ in range(3 * (os.cpu_count() or 2)))
+                           for _ in range(3 * len(os.sched_getaffinity(0))))
             time.sleep(0.3)  # let them reach the CPU
         return real_calibration(device)
 

@@ -121,6 +121,8 @@ def test_tune_prints_choice_defaults_compute_and_both_verdicts(tuned):
     tune_dir = results / "tune"
     for name in ("tuning-grid-3.csv", "tuning-grid-3.md", "tuning-grid-3-curve.png", "tuning-grid-3-lr.png"):
         assert (tune_dir / name).stat().st_size > 0
+    # the title says what ran, from the records' model block
+    assert "ViT-Tiny, patch 4 on 16 px, depth 1, width 192" in (tune_dir / "tuning-grid-3.md").read_text().splitlines()[0]
     assert (results / "tune" / "optuna.sqlite3").is_file()
 
 
