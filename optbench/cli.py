@@ -328,11 +328,13 @@ def tune(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP + "; trials and final runs alike"),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Tune every optimizer with the same budget on a validation split, then compare on fresh seeds."""
     from optbench.config import margin_fraction, preset_seeds
     from optbench.console import RichReporter, console, show_tuning
     from optbench.tracking import check_trackers, reporter_factory
+    from optbench.executors import ExecutorSpec, plan_threads
     from optbench.tune import make_plan, run_tune
     from optbench.tune_report import build_tuning_report
 
@@ -350,7 +352,8 @@ def tune(
         plan = make_plan(preset, names, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
             model=model, depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
-            results_dir=results), space, trials, seed, validation, storage, heartbeat)
+            results_dir=results, threads=plan_threads(ExecutorSpec("local", workers), threads)), space, trials,
+            seed, validation, storage, heartbeat)
         plan = dataclasses.replace(plan, track=tuple(trackers), track_uri=track_uri)
         outcome = run_tune(plan, workers, final_seeds,
                            reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=True), trackers,
@@ -369,6 +372,38 @@ def _local_time(timestamp: float) -> str:
     from datetime import datetime
 
     return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+@app.command()
+def status(
+    results_dir: Path = typer.Argument(..., help="the results folder of a compare (local, workers or SLURM)"),
+) -> None:
+    """Where a grid stands: runs planned / running (host, for how long, job id) / stopped / failed / finished,
+    per optimizer and seed, read from the records, checkpoints and run locks (nothing is trained)."""
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from optbench.status import STATES, grid_status
+
+    try:
+        runs, jobs = grid_status(results_dir)
+    except OptbenchError as exc:
+        fail(str(exc), exc.exit_code)
+    out = Console(highlight=False)
+    table = Table(title=f"runs in {results_dir}")
+    for column in ("optimizer", "seed", "config", "state", "detail"):
+        table.add_column(column)
+    for run in runs:
+        table.add_row(run.optimizer, str(run.seed), run.config_hash, run.state, run.detail)
+    out.print(table)
+    counts = Counter(run.state for run in runs)
+    out.print(", ".join(f"{counts[s]} {s}" for s in STATES if counts[s]) or "no runs planned or recorded here",
+              soft_wrap=True)
+    if jobs:
+        out.print(f"SLURM jobs submitted: {', '.join(jobs)} (squeue -j ... / sacct -j ... for their state)",
+                  soft_wrap=True)
 
 
 @app.command()

@@ -4,7 +4,7 @@ The run records in the results directory are the one contract. A grid (the plann
 to an executor; whoever executes it -- this process (`--executor local`, the default), `--workers N`
 processes on this machine, or the tasks of one submitit job array (`--executor slurm`, or
 `submitit-local` to run the same submission and requeue machinery as local processes) -- runs
-`run_worker`: it claims runs one at a time through the run locks (`checkpoints.acquire_run_lock`),
+`run_worker`: it claims runs one at a time through the run locks (`runlock.acquire_run_lock`),
 trains or resumes each, and writes records. The parent then collects the report from the records.
 
 A run is *settled* for a grid when it has a finished record (ok or diverged; with `--rerun` only one
@@ -14,7 +14,7 @@ grid was planned: a run is tried once per command, as the serial compare does. A
 next worker to claim it resumes it.
 
 A worker that is killed (SIGKILL, a node lost) leaves its run's checkpoint and a lock whose holder is
-dead; the lock is broken as stale by the next worker that looks (see `checkpoints.py`), and the run
+dead; the lock is broken as stale by the next worker that looks (see `runlock.py`), and the run
 resumes from its checkpoint. Nothing here schedules: workers take the next unclaimed run in plan order.
 """
 
@@ -436,6 +436,11 @@ def execute(grid: Grid, spec: ExecutorSpec, make_reporter: Callable[[RunConfig],
     from optbench.compare import run_comparison
 
     spec.check()
+    from optbench.status import record_plan
+
+    for results_dir in grid.results_dirs:  # for `optbench status`: what was planned, beside what exists
+        record_plan(results_dir, [{"config_hash": c.config_hash, "optimizer": c.optimizer, "seed": c.seed}
+                                  for c in grid.unique() if c.results_dir == results_dir])
     if spec.kind == "local" and spec.workers == 1:
         records = run_comparison(list(grid.configs), grid.rerun, make_reporter, announce, datasets)
         return records, any(r["status"] == "interrupted" for r in records)

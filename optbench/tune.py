@@ -30,7 +30,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import socket
 import time
@@ -481,26 +480,14 @@ def _spawned_worker(plan: TunePlan, name: str, threads: int | None, visible_devi
 
 
 def run_workers(plan: TunePlan, workers: int, quiet: bool = False) -> list[int]:
-    """`workers` processes (standard library, spawn) each running `tune_worker` on the shared study.
+    """`workers` processes (compare's local executor: spawned, one GPU each when there are several) each
+    running `tune_worker` on the shared study; each trial runs at the thread count its config holds
+    (cores/N on a CPU, chosen when the plan was made). Returns the exit codes."""
+    from optbench.executors import device_for_worker, gpu_count, spawn_local
 
-    CPU: each gets cores // workers torch threads. Several GPUs: each its own (round robin) through
-    CUDA_VISIBLE_DEVICES. Returns the exit codes.
-    """
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    threads = None if gpus else max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    procs = []
-    for i in range(workers):
-        devices = str(i % gpus) if gpus > 1 else None
-        proc = context.Process(target=_spawned_worker, args=(plan, f"worker{i}", threads, devices, quiet),
-                               name=f"optbench-tune-{i}")
-        proc.start()
-        procs.append(proc)
-    for proc in procs:
-        proc.join()
-    return [p.exitcode for p in procs]
+    gpus = gpu_count()
+    return spawn_local(_spawned_worker, [(plan, f"worker{i}", None, device_for_worker(i, gpus), quiet)
+                                         for i in range(workers)], "tune")
 
 
 # --- the whole command -----------------------------------------------------------------------------
@@ -534,7 +521,7 @@ def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Call
              announce: Callable[[str], None], quiet: bool = False, preferred_seeds: list[int] | None = None
              ) -> TuneOutcome:
     """Plan, run the trials (this process or `workers` processes), then the final runs."""
-    from optbench.compare import plan_runs, run_comparison
+    from optbench.compare import plan_runs
 
     storage = open_storage(plan.storage, plan.heartbeat_s)
     prepare_studies(plan, storage)
@@ -561,14 +548,22 @@ def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Call
     if final_count <= 0:
         return outcome
     outcome.final_seeds = final_seeds(plan.seed, final_count, preferred_seeds)
+
+    def run_final(configs: list[RunConfig]) -> list[dict[str, Any]]:
+        """Final runs go through compare's executor: with --workers N, N processes share them too."""
+        from optbench.executors import ExecutorSpec, Grid, execute
+        from optbench.records import utc_now
+
+        records, stopped = execute(Grid(tuple(configs), False, utc_now(), plan.track, plan.track_uri),
+                                   ExecutorSpec("local", workers), make_reporter, announce, quiet)
+        outcome.interrupted = outcome.interrupted or stopped
+        return records
     names = list(plan.optimizers)
     final_overrides = {k: v for k, v in plan.overrides.items() if k != "seed"}
     # The defaults on the full training set are compare's own runs (same directory: each reuses the other's).
     announce(f"final runs, seeds {', '.join(map(str, outcome.final_seeds))}: the defaults")
-    outcome.default_records = run_comparison(plan_runs(plan.preset, names, outcome.final_seeds, final_overrides),
-                                             False, make_reporter, announce)
-    if any(r["status"] == "interrupted" for r in outcome.default_records):
-        outcome.interrupted = True  # stopped (Ctrl-C, SIGTERM): the same command resumes from here
+    outcome.default_records = run_final(plan_runs(plan.preset, names, outcome.final_seeds, final_overrides))
+    if outcome.interrupted:  # stopped (Ctrl-C, SIGTERM): the same command resumes from here
         return outcome
     announce("final runs: the tuned settings")
     # Where tuning kept the defaults, the tuned final runs are the defaults' runs (same config hash):
@@ -578,6 +573,5 @@ def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Call
     tuned_overrides = {**final_overrides, "results_dir": str(plan.tune_dir / f"final-{plan.tag}")}
     configs = (plan_runs(plan.preset, changed, outcome.final_seeds, tuned_overrides, outcome.chosen)
                + plan_runs(plan.preset, kept, outcome.final_seeds, final_overrides))
-    outcome.tuned_records = run_comparison(configs, False, make_reporter, announce)
-    outcome.interrupted = any(r["status"] == "interrupted" for r in outcome.default_records + outcome.tuned_records)
+    outcome.tuned_records = run_final(configs)
     return outcome

@@ -36,6 +36,13 @@ def compare(results: Path, *extra: str, wait: bool = True):
     return out + err
 
 
+def status(results: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "optbench", "status", str(results)], capture_output=True, text=True,
+                          env={**_env(), "COLUMNS": "250"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def records(results: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
 
@@ -82,6 +89,8 @@ def test_a_sigkilled_worker_costs_only_its_run_which_resumes(tmp_path: Path):
                    wait=False)
     pid, killed_hash = wait_for_checkpoint_holder(results, proc)
     assert pid != proc.pid
+    shown = status(results)
+    assert any(killed_hash in line and "running" in line and f"pid {pid}" in line for line in shown.splitlines()), shown
     os.kill(pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -90,6 +99,7 @@ def test_a_sigkilled_worker_costs_only_its_run_which_resumes(tmp_path: Path):
     resumed = {r["config_hash"]: r["resumed"] for r in done.values()}
     assert resumed[killed_hash] is True  # taken over from its checkpoint, not started again
     assert not list((results / "checkpoints").glob("*.lock"))
+    assert status(results).strip().splitlines()[-1] == "2 finished"
 
 
 def test_compare_through_submitits_local_executor_survives_preemption(tmp_path: Path):
@@ -100,6 +110,10 @@ def test_compare_through_submitits_local_executor_survives_preemption(tmp_path: 
     grid = ["--optimizers", "adamw,lion", "--seeds", "0", "--epochs", "3"]
     proc = compare(results, *grid, "--executor", "submitit-local", "--workers", "2", wait=False)
     pid, preempted = wait_for_checkpoint_holder(results, proc)
+    shown = status(results)
+    jobs = json.loads((results / "slurm" / "jobs.json").read_text())[0]["jobs"]
+    assert len(jobs) == 2 and f"SLURM jobs submitted: {', '.join(jobs)}" in shown
+    assert any(preempted in line and "running" in line and "job " in line for line in shown.splitlines()), shown
     os.kill(pid, signal.SIGUSR2)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
