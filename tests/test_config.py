@@ -211,11 +211,13 @@ def test_thread_count_is_part_of_the_identity_and_resolved_before_hashing():
 def test_a_record_from_before_the_thread_count_still_loads(tmp_path):
     import json
 
+    from test_analysis import make_record  # a record as `run` writes it, with no thread count in its config
+
     from optbench.records import finished_runs, load_records
 
-    record = {"optimizer": "adamw", "status": "ok", "config_hash": "0123456789ab", "final_test_acc": 0.5,
-              "config": {"seed": 0, "dataset": "digits", "epochs": 1}, "history": [], "finished_at": "2026-01-01"}
+    record = make_record("adamw")
+    assert "threads" not in record["config"]
     (tmp_path / "old.json").write_text(json.dumps(record))
     loaded = load_records(tmp_path)
     assert loaded.problems == [] and loaded.records[0]["config"].get("threads") is None
-    assert "0123456789ab" in finished_runs(tmp_path)
+    assert record["config_hash"] in finished_runs(tmp_path)
