@@ -384,6 +384,21 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
         if not quiet:
             console.print(f"[dim]{name}[/dim] {text}", soft_wrap=True)
 
+    trial_seconds: dict[str, list[float]] = {}  # optimizer -> wall-times of its trials run by this worker
+
+    def queued_eta() -> str:
+        """The trials still queued in every study, each at this worker's mean time for its optimizer."""
+        from optbench.compare import remaining_seconds
+        from optbench.console import duration_text
+
+        queued = [s.optimizer for s in plan.studies
+                  for _ in range(budget_status(trial_dicts(studies[s.optimizer], s.optimizer), plan.budget,
+                                               MAX_RETRY).waiting)]
+        if not queued:
+            return ""
+        return (f"; ETA {duration_text(remaining_seconds(trial_seconds, queued))} for the {len(queued)} queued "
+                "trial(s) at this worker's pace (less with other workers)")
+
     def objective_for(spec: StudySpec, current: dict[str, Any]):
         def objective(trial) -> float:
             slot = trial.user_attrs.get("slot")
@@ -405,9 +420,10 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
                 raise TrialInterrupted(f"trial {trial.number} stopped and checkpointed")
             value = record["final_val_acc"] if record["status"] == "ok" else 0.0  # worst score: counts against
             shown = ", ".join(f"{k} {v:.3g}" for k, v in params.items())
+            trial_seconds.setdefault(spec.optimizer, []).append(time.perf_counter() - started)
             say(f"{spec.optimizer} slot {slot + 1}/{plan.budget} ({shown}"
                 + (", the defaults" if slot == 0 else "") + f"): {record['status']}, val acc {value:.2%} "
-                + f"[{time.perf_counter() - started:.1f}s, trial {trial.number}]")
+                + f"[{time.perf_counter() - started:.1f}s, trial {trial.number}]" + (queued_eta() if not quiet else ""))
             done_here["trials"] += 1
             return value
         return objective

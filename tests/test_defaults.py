@@ -127,8 +127,8 @@ def test_compare_shows_each_runs_eta_and_the_comparisons(tmp_path):
                                  "--device", "cpu", "--results-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     # 4 steps an epoch, one log point each: the pace is measured from the second epoch's end on.
-    assert re.search(r"adamw s0 epoch 2: .* ETA \d+s for this run", result.output), result.output
-    assert re.search(r"\[1/2\] adamw seed 0: ok, .*; ETA \d+s for the 1 run\(s\) still to train", result.output)
+    assert re.search(r"adamw s0 epoch 2: .* ETA \d[\dhms]* for this run", result.output), result.output
+    assert re.search(r"\[1/2\] adamw seed 0: ok, .*; ETA \d[\dhms]* for the 1 run\(s\) still to train", result.output)
     assert not re.search(r"\[2/2\].*ETA", result.output)  # nothing left to train
 
 

@@ -5,6 +5,7 @@ server, the validation split (the test split is never read), equal budgets after
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -124,6 +125,14 @@ def test_tune_prints_choice_defaults_compute_and_both_verdicts(tuned):
     # the title says what ran, from the records' model block
     assert "ViT-Tiny, patch 4 on 16 px, depth 1, width 192" in (tune_dir / "tuning-grid-3.md").read_text().splitlines()[0]
     assert (results / "tune" / "optuna.sqlite3").is_file()
+
+
+def test_tune_shows_an_eta_for_the_queued_trials(tuned):
+    _, output = tuned
+    text = " ".join(output.split())
+    # After the first trial: 2 AdamW and 3 Lion trials are queued (Lion at AdamW's measured mean).
+    assert re.search(r"adamw slot 1/3 .*; ETA \d[\dhms]* for the 5 queued trial\(s\) at this worker's pace", text), text
+    assert not re.search(r"lion slot 3/3 [^;]*\]; ETA", text)  # nothing queued after the last one
 
 
 def test_every_optimizer_got_exactly_the_budget_and_the_study_points_at_records(tuned):
