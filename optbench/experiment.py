@@ -31,6 +31,7 @@ from optbench.timing import ADVICE as TIMING_ADVICE
 from optbench.timing import DOES_NOT_STAND as TIMING_DOES_NOT_STAND
 from optbench.timing import STANDS as TIMING_STANDS
 from optbench.timing import assess as assess_timing
+from optbench.timing import epoch_spread, epoch_times
 from optbench.optimizers import BuildContext, RunSettings, get_entry, library_versions
 from optbench.setup_cache import cached, flops_key, probe_key
 from optbench.records import SCHEMA_VERSION, ensure_writable, find_finished, utc_now, write_record
@@ -471,6 +472,9 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "calibration_before_s": calibration_before["wall_s"], "calibration_after_s": calibration_after["wall_s"],
         "calibration_before_cpu_per_wall": calibration_before["cpu_per_wall"],
         "calibration_after_cpu_per_wall": calibration_after["cpu_per_wall"],
+        "epoch_times_s": [seconds for _, seconds in epoch_times(result.history)],
+        # slowest / fastest epoch of equal steps (the first left out from three epochs on), or None
+        "epoch_spread": (epoch_spread(result.history) or (None,))[0],
     }
     disturbed = assess_timing(timing, result.history, device.type)
     timing.update(disturbed=bool(disturbed), disturbed_reasons=disturbed)

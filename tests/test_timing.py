@@ -134,6 +134,9 @@ def test_a_run_beside_cpu_burners_is_flagged_and_the_report_says_so(tmp_path, mo
     timing = record["timing"]
     assert len(burners) >= 6 and timing["disturbed"] is True, timing
     assert timing["cpu_per_wall"] < MIN_CPU_PER_WALL
+    assert timing["train_cpu_time_s"] < timing["train_wall_time_s"] == record["train_wall_time_s"]
+    assert timing["epoch_times_s"] == [record["history"][0]["train_time_s"]]
+    assert 0 < timing["calibration_before_s"] and 0 < timing["calibration_after_s"]
     assert any("of a CPU core" in r for r in timing["disturbed_reasons"])
     report = build_report([record], None)
     assert "DISTURBED" in report.display.loc[0, "train time"]
