@@ -290,6 +290,26 @@ def cluster_section() -> dict[str, Any]:
     return section or {}
 
 
+def slurm_parameters(options: SlurmOptions, tasks: int) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (its names are sbatch's) for an array of `tasks` workers."""
+    params: dict[str, Any] = {"time": options.time_min, "nodes": 1, "ntasks_per_node": 1, "job_name": "optbench",
+                              "array_parallelism": min(options.array_parallelism, tasks),
+                              "signal_delay_s": options.signal_delay_s}
+    if options.cpus_per_task:
+        params["cpus_per_task"] = options.cpus_per_task
+    if options.mem_gb:
+        params["mem"] = f"{options.mem_gb}GB"
+    if options.partition:
+        params["partition"] = options.partition
+    if options.gpus_per_task:
+        params["gpus_per_task"] = options.gpus_per_task
+    if options.sbatch:
+        params["additional_parameters"] = dict(options.sbatch)
+    if options.setup:
+        params["setup"] = list(options.setup)
+    return params
+
+
 def make_submitit_executor(folder: Path, options: SlurmOptions, cluster: str, tasks: int):
     """A submitit executor for one job array of `tasks` worker tasks: `SlurmExecutor`, or `LocalExecutor`
     (the same pickling, signals and requeue machinery, as local processes)."""
@@ -298,22 +318,12 @@ def make_submitit_executor(folder: Path, options: SlurmOptions, cluster: str, ta
     except ImportError:
         raise ExecutorError("--executor slurm needs submitit: pip install submitit") from None
     if cluster == "slurm":
-        executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=options.max_requeues)
-        params: dict[str, Any] = {"time": options.time_min, "nodes": 1, "ntasks_per_node": 1, "job_name": "optbench",
-                                  "array_parallelism": min(options.array_parallelism, tasks),
-                                  "signal_delay_s": options.signal_delay_s}
-        if options.cpus_per_task:
-            params["cpus_per_task"] = options.cpus_per_task
-        if options.mem_gb:
-            params["mem"] = f"{options.mem_gb}GB"
-        if options.partition:
-            params["partition"] = options.partition
-        if options.gpus_per_task:
-            params["gpus_per_task"] = options.gpus_per_task
-        if options.sbatch:
-            params["additional_parameters"] = dict(options.sbatch)
-        if options.setup:
-            params["setup"] = list(options.setup)
+        try:
+            executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=options.max_requeues)
+        except RuntimeError as exc:  # submitit: 'Could not detect "srun"'
+            raise ExecutorError(f"no SLURM here ({exc}): run compare on the cluster's login node, or try the same "
+                                "machinery locally with --executor submitit-local") from None
+        params = slurm_parameters(options, tasks)
     else:
         executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=options.max_requeues)
         params = {"timeout_min": options.time_min, "signal_delay_s": min(options.signal_delay_s, options.time_min * 60 - 1)}

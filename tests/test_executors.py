@@ -158,3 +158,39 @@ def test_run_lock_is_exclusive_names_its_owner_and_is_broken_only_when_stale(tmp
     taken = acquire_run_lock(tmp_path, "abc")
     assert taken is not None and read_lock(path)["token"] == taken.token
     taken.release()
+
+
+def test_slurm_settings_from_cluster_yaml_and_options_reach_the_sbatch_script(tmp_path: Path, monkeypatch):
+    """The lab's cluster.yaml (OPTBENCH_CONFIG_DIR), overridden by options, becomes submitit's sbatch script:
+    one array of worker tasks, the preemption signal before the time limit, extra sbatch settings."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from optbench.errors import ConfigError
+    from optbench.executors import cluster_section, slurm_options, slurm_parameters
+
+    (tmp_path / "cluster.yaml").write_text("slurm:\n  partition: gpu\n  time_min: 240\n  sbatch: {account: mylab}\n"
+                                           "  setup: ['module load cuda']\n")
+    monkeypatch.setenv("OPTBENCH_CONFIG_DIR", str(tmp_path))
+    options = slurm_options(cluster_section(), {"array_parallelism": 2, "cpus_per_task": 8})
+    script = _make_sbatch_string(command="python -m submitit.core._submit X", folder=str(tmp_path / "slurm"),
+                                 map_count=4, **slurm_parameters(options, tasks=4))
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=240", "#SBATCH --gpus-per-task=1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --array=0-3%2", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --account=mylab", "module load cuda"):
+        assert line in script, line
+    with pytest.raises(ConfigError, match="unknown setting"):
+        slurm_options({"partitoin": "gpu"}, {})
+    with pytest.raises(ConfigError, match="time_min must be a whole number >= 1"):
+        slurm_options({}, {"time_min": 0})
+
+
+def test_executor_options_are_checked_before_anything_runs(tmp_path: Path):
+    for extra, message in ((["--executor", "cloud"], "unknown --executor 'cloud'"),
+                           (["--workers", "0"], "--workers must be at least 1"),
+                           (["--slurm-partition", "gpu"], "--slurm-partition applies to --executor slurm"),
+                           (["--threads", "0"], "threads must be between 1"),
+                           (["--executor", "slurm"], "no SLURM here")):
+        done = subprocess.run([sys.executable, "-m", "optbench", "compare", *TINY_CLI, "--results-dir",
+                               str(tmp_path / "r"), *extra], capture_output=True, text=True, env=_env(), timeout=120)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not list((tmp_path / "r").glob("*.json")) if (tmp_path / "r").exists() else True
