@@ -103,6 +103,8 @@ def render_html(report: Any, records: list[dict[str, Any]], figures: list[tuple[
               _table(report.display)]
     if report.sources:
         parts.append(f"<p class=small>Peak memory source: {_e('; '.join(report.sources))}</p>")
+    if report.timing:  # disturbed timings (the table marks them DISTURBED): why, what stands, what to do
+        parts.append("<ul class=small id=timing>" + "".join(f"<li>{_e(n)}</li>" for n in report.timing) + "</ul>")
     if report.state_notes:
         parts.append("<ul class=small>" + "".join(f"<li>{_e(n)}</li>" for n in report.state_notes) + "</ul>")
     if not report.time_to_target.empty:

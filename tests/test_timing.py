@@ -95,6 +95,10 @@ def test_report_marks_a_disturbed_time_in_every_table_and_says_what_stands(tmp_p
     assert "DISTURBED" in markdown.split("## Time to AdamW")[0]  # the main table's figure, not only a note
     csv = pd.read_csv(next(p for p in report.files if p.suffix == ".csv")).set_index("optimizer")
     assert csv.loc["lion", "timing_disturbed"] == 1 and csv.loc["adamw", "timing_disturbed"] == 0
+    from optbench.html_report import render_html
+
+    page = render_html(report, records, [])
+    assert "DISTURBED" in page and "lion seed 0: timing disturbed" in page and "--rerun" in page
 
 
 # --- real runs ---------------------------------------------------------------------------------------
