@@ -60,7 +60,7 @@ def _stdin_is_tty() -> bool:
     return sys.stdin.isatty()
 
 
-def confirm_long_run(configs: list, data: Any, yes: bool) -> None:
+def confirm_long_run(configs: list, data: Any, yes: bool, note: str = "") -> None:
     """CIFAR on a CPU runs for hours: time a few real steps per optimizer, print the estimate for the
     planned runs, and go on only with --yes or a "yes" typed at a terminal. Without a terminal (a script,
     CI) and without --yes: one line saying to pass --yes, exit 1. Nothing is trained or written before."""
@@ -72,7 +72,7 @@ def confirm_long_run(configs: list, data: Any, yes: bool) -> None:
         return
     console.print(f"[dim]{len(long_runs)} CIFAR run(s) on a CPU: timing a few real training steps per optimizer "
                   "to estimate how long they take...[/dim]", soft_wrap=True)
-    sentence = estimate_plan(long_runs, data).sentence()
+    sentence = estimate_plan(long_runs, data).sentence() + note
     if yes:
         console.print(f"{sentence}; starting (--yes)", soft_wrap=True)
         return
@@ -294,6 +294,24 @@ def _enforce_strict(report: Any, strict: bool, rule: str) -> None:
         raise typer.Exit(EXIT_CRITERIA)
 
 
+def _confirm_long_tune(plan: Any, final_seeds: int, yes: bool) -> None:
+    """`confirm_long_run` for a tuning plan on CIFAR on a CPU: every trial of the budget (on the training
+    split minus the validation share) and the final runs (defaults and tuned settings, `final_seeds` each),
+    at most: trials and runs already finished are reused, so a resumed tune takes less."""
+    from optbench.data import load_dataset
+    from optbench.estimate import needs_confirmation
+
+    bases = [spec.base for spec in plan.studies if needs_confirmation(spec.base)]
+    if not bases:
+        return
+    finals = [dataclasses.replace(b, validation_fraction=0.0) for b in bases] * (2 * final_seeds)
+    first = bases[0]
+    data = load_dataset(first.dataset, first.data_dir, first.download, first.subset, first.test_subset)
+    confirm_long_run(bases * plan.budget + finals, data, yes,
+                     note=f" for {plan.budget} trial(s) per optimizer and {2 * final_seeds} final run(s) each, at most "
+                          "(finished trials and runs are reused)")
+
+
 @app.command()
 def tune(
     preset: str = typer.Option("smoke", help="workload preset from optbench/configs/presets (smoke, cifar10, homework, ...)"),
@@ -329,6 +347,7 @@ def tune(
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP + "; trials and final runs alike"),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
 ) -> None:
     """Tune every optimizer with the same budget on a validation split, then compare on fresh seeds."""
     from optbench.config import margin_fraction, preset_seeds
@@ -355,6 +374,7 @@ def tune(
             results_dir=results, threads=plan_threads(ExecutorSpec("local", workers), threads)), space, trials,
             seed, validation, storage, heartbeat)
         plan = dataclasses.replace(plan, track=tuple(trackers), track_uri=track_uri)
+        _confirm_long_tune(plan, final_seeds, yes)
         outcome = run_tune(plan, workers, final_seeds,
                            reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=True), trackers,
                                             track_uri),

@@ -41,6 +41,7 @@ class OptimizerPace:
     eval_seconds_per_epoch: float
     plain_step_s: float  # mean of the timed plain steps
     hessian_step_s: float | None  # mean of the timed Hessian steps (None: the optimizer has none)
+    eval_seconds_per_image: float = 0.0
 
 
 @dataclass
@@ -98,9 +99,10 @@ def _pace(config: RunConfig, data: ImageData, plain_steps: int) -> OptimizerPace
     start = time.perf_counter()
     with torch.inference_mode(), amp:
         model(data.normalize(eval_batch))
-    eval_epoch = (time.perf_counter() - start) * data.test_x.shape[0] / eval_batch.shape[0]
-    return OptimizerPace(per_step, len(times[False]) + len(times[True]), len(times[True]), eval_epoch,
-                         mean(times[False]), mean(times[True]) if times[True] else None)
+    eval_image = (time.perf_counter() - start) / eval_batch.shape[0]
+    return OptimizerPace(per_step, len(times[False]) + len(times[True]), len(times[True]),
+                         eval_image * data.test_x.shape[0], mean(times[False]),
+                         mean(times[True]) if times[True] else None, eval_image)
 
 
 def _endless_batches(data: ImageData, config: RunConfig):
@@ -121,8 +123,12 @@ def estimate_plan(configs: list[RunConfig], data: ImageData, plain_steps: int = 
                 paces[config.optimizer] = _pace(config, data, plain_steps)
     steps = seconds = 0.0
     for config in configs:
-        run_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
+        train_images, eval_images = data.train_x.shape[0], data.test_x.shape[0]
+        if config.validation_fraction:  # a tuning trial: trains on the rest, evaluates the held-out share
+            eval_images = round(config.validation_fraction * train_images)
+            train_images -= eval_images
+        run_steps = config.epochs * steps_per_epoch(train_images, config.batch_size)
         pace = paces[config.optimizer]
         steps += run_steps
-        seconds += run_steps * pace.seconds_per_step + config.epochs * pace.eval_seconds_per_epoch
+        seconds += run_steps * pace.seconds_per_step + config.epochs * eval_images * pace.eval_seconds_per_image
     return PlanEstimate(len(configs), int(steps), seconds, paces)

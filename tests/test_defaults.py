@@ -207,3 +207,17 @@ def test_the_estimate_times_real_steps_with_sophias_hessian_at_its_cadence(tmp_p
     assert adamw.hessian_step_s is None and adamw.seconds_per_step == pytest.approx(adamw.plain_step_s)
     expected = sum(3 * 13 * p.seconds_per_step + 3 * p.eval_seconds_per_epoch for p in (adamw, sophia)) * 2
     assert estimate.seconds == pytest.approx(expected) and estimate.seconds > 0
+
+
+def test_a_cifar_tune_on_a_cpu_counts_every_trial_and_final_run(tmp_path, skip_md5_only):
+    write_tiny_cifar(tmp_path / "data", "cifar10")
+    results = tmp_path / "results"
+    result = runner.invoke(app, ["tune", "--optimizers", "adamw", "--trials", "2", "--final-seeds", "1", "--epochs", "1",
+                                 *[a for a in CIFAR_ARGS if a not in ("--epochs", "2")], "--data-dir",
+                                 str(tmp_path / "data"), "--results-dir", str(results), "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    line = one_line(result.output)
+    # Trials train on 100 - 10 validation images (12 steps at batch 8), final runs on all 100 (13 steps).
+    assert "4 run(s) of 50 training steps" in line and "2 trial(s) per optimizer and 2 final run(s)" in line, line
+    assert "pass --yes" in line
+    assert not list(results.rglob("*.json")), "nothing may be trained before the confirmation"
