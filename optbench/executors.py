@@ -371,10 +371,18 @@ def submit_array(target: Any, args_per_task: list[tuple], folder: Path, options:
     return jobs
 
 
+def held_by_live_worker(config: RunConfig) -> bool:
+    from optbench.runlock import lock_is_stale, lock_path, read_lock
+
+    owner = read_lock(lock_path(config.results_dir, config.config_hash))
+    return owner is not None and not lock_is_stale(owner)
+
+
 def wait_for_jobs(jobs: list, grid: Grid, announce: Callable[[str], None]) -> list[str]:
-    """Wait for the jobs, reporting progress from the records; returns one line per job that failed."""
+    """Wait for the jobs (and for runs held by live workers of earlier jobs), reporting progress from the
+    records; returns one line per job that failed."""
     total, last = len(grid.unique()), None
-    while not all(job.done() for job in jobs):
+    while not all(job.done() for job in jobs) or any(held_by_live_worker(c) for c in collect(grid)[1]):
         records, _ = collect(grid)
         if len(records) != last:
             last = len(records)
@@ -471,15 +479,27 @@ def execute(grid: Grid, spec: ExecutorSpec, make_reporter: Callable[[RunConfig],
             announce(f"worker exit codes {codes}: finishing what they left in this process")
     else:
         folder = Path(grid.configs[0].results_dir) / "slurm"
-        tasks = min(spec.workers, len(pending)) if spec.workers > 1 else len(pending)
-        jobs = submit_array(SubmititWorker(), [(grid, i) for i in range(tasks)], folder,
-                            spec.slurm or SlurmOptions(), "slurm" if spec.kind == "slurm" else "local")
-        _write_job_ids(folder, jobs)
-        announce(f"submitted {len(jobs)} task(s): job {_array_id(jobs)}; logs in {folder}; "
-                 f"`optbench status {grid.configs[0].results_dir}` shows where the grid stands")
-        for line in wait_for_jobs(jobs, grid, announce):
-            announce(line)
-    if not interrupted:  # a worker killed outright (SIGKILL, OOM killer) left its run: finish it here
+        free = [c for c in pending if not held_by_live_worker(c)]  # the rest run in jobs submitted earlier
+        if free:
+            tasks = min(spec.workers, len(free)) if spec.workers > 1 else len(free)
+            jobs = submit_array(SubmititWorker(), [(grid, i) for i in range(tasks)], folder,
+                                spec.slurm or SlurmOptions(), "slurm" if spec.kind == "slurm" else "local")
+            _write_job_ids(folder, jobs)
+            announce(f"submitted {len(jobs)} task(s): job {_array_id(jobs)}; logs in {folder}; "
+                     f"`optbench status {grid.configs[0].results_dir}` shows where the grid stands")
+        else:
+            jobs = []
+            announce(f"all {len(pending)} runs to do are held by live workers (earlier jobs): waiting for them")
+        try:
+            for line in wait_for_jobs(jobs, grid, announce):
+                announce(line)
+        except KeyboardInterrupt:
+            announce("stopped waiting; the jobs go on: `optbench status DIR` shows them, and this command run "
+                     "again collects the report (it submits only what is not finished)")
+            raise
+    if not interrupted and spec.kind == "local":
+        # A worker killed outright (SIGKILL, OOM killer) left its run: finish it here. Not for submitit
+        # executors: the parent may be on a login node, where nothing should train.
         interrupted = run_worker(grid, f"{worker_name()} (parent)", quiet=quiet, announce=announce)["interrupted"]
     records, missing = collect(grid)
     if missing and not interrupted:
