@@ -33,8 +33,8 @@ MAX_CALIBRATION_CHANGE = 2.0  # calibration kernel after / before training, eith
 MAX_EPOCH_SPREAD = 3.0  # slowest / fastest epoch of equal steps
 MIN_EPOCH_EXCESS_S = 0.5  # ... and slower by at least this much
 
-ADVICE = ("rerun with the same command and `--rerun` on an idle machine (nothing else running; on a shared "
-          "machine, at a quiet time), and compare times only between runs that are not flagged")
+ADVICE = ("run it again on an idle machine (nothing else running; on a shared machine, at a quiet time): for "
+          "`optbench compare`, the same command with `--rerun`; compare times only between runs that are not flagged")
 # What a disturbance does not touch, and what it does.
 STANDS = "steps, memory and accuracy stand (they do not depend on timing)"
 DOES_NOT_STAND = "training time, images/s, time x AdamW and time-to-target do not"
