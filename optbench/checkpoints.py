@@ -5,22 +5,30 @@ exactly: model, optimizer (Schedule-Free in the mode training is in at that poin
 epoch's end, after its evaluation; train mode after a stop mid-epoch, since an eval()/train() round trip
 is not exact in floating point), scheduler, progress
 counters and history, the torch RNG states (Sophia's Hutchinson probes draw from them) and the position
-in the epoch (the batch order itself is a pure function of seed and epoch). Written to a temporary
-file and renamed; loaded with `weights_only=True`.
+in the epoch (the batch order itself is a pure function of seed and epoch). It says what it claims to
+be (optimizer, planned steps, the model's tensors by shape) and carries the SHA-256 of its payload; all
+of that is checked against the run before any state is loaded. Written to a temporary file and renamed;
+loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from optbench.errors import OptbenchError
+from optbench.tempfiles import temp_name
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+# What a checkpoint's payload holds; `load_checkpoint` refuses one without all of them.
+PAYLOAD_KEYS = ("config_hash", "optimizer_name", "model", "optimizer", "scheduler", "rng", "progress",
+                "total_steps", "steps_per_epoch")
 
 
 class CheckpointError(OptbenchError):
@@ -31,36 +39,153 @@ def checkpoint_path(results_dir: str | Path, config_hash: str) -> Path:
     return Path(results_dir) / "checkpoints" / f"{config_hash}.pt"
 
 
+def _serialise(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
+    """Write `payload` with its SHA-256 (torch.save to memory, then a plain write: a full disk is
+    reported by the file system's own words, not by a zip writer's position check)."""
+    blob = _serialise(payload)
+    document = _serialise({"version": CHECKPOINT_VERSION, "sha256": hashlib.sha256(blob).hexdigest(), "payload": blob})
+    tmp = path.parent / temp_name(".pt")
     try:
-        torch.save({"version": CHECKPOINT_VERSION, **payload}, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as handle:
+            handle.write(document)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)  # the same run's newer state replaces its older one, atomically
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise CheckpointError(f"could not write checkpoint {path} ({reason}): free disk space or "
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}): free disk space or "
                               "choose another --results-dir") from None
     finally:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
-    """Load a checkpoint for the run `config_hash`; refuses unreadable files and other runs' checkpoints."""
+    """Load a checkpoint for the run `config_hash`: refuses unreadable files, payloads that do not match
+    their digest, other runs' checkpoints and payloads missing a part. What the parts hold is checked
+    against the run by `check_checkpoint`, before any of it is loaded into the model or optimizer."""
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} {what}: it was not used; delete it to start this run afresh")
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        document = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip, a pickle that weights_only refuses, ...
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({exc.__class__.__name__}): delete it to start "
-                              "this run afresh") from None
-    if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not an optbench checkpoint of version {CHECKPOINT_VERSION}: "
-                              "delete it to start afresh")
+        raise refuse(f"cannot be loaded ({exc.__class__.__name__})") from None
+    if not isinstance(document, dict) or document.get("version") != CHECKPOINT_VERSION:
+        raise refuse(f"is not an optbench checkpoint of version {CHECKPOINT_VERSION}")
+    blob = document.get("payload")
+    if not isinstance(blob, bytes) or hashlib.sha256(blob).hexdigest() != document.get("sha256"):
+        raise refuse("does not match its SHA-256 (changed or damaged after it was written)")
+    try:
+        payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise refuse(f"cannot be loaded ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict):
+        raise refuse("holds no payload")
     if payload.get("config_hash") != config_hash:
         raise CheckpointError(f"checkpoint {path} belongs to another config ({payload.get('config_hash')}, this run "
                               f"is {config_hash}): it was not used; delete it or run with that config")
+    missing = [k for k in PAYLOAD_KEYS if k not in payload]
+    if missing:
+        raise refuse(f"lacks {', '.join(missing)}")
     return payload
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, tuple]:
+    return {k: (tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+
+
+def check_checkpoint(path: Path, payload: dict[str, Any], *, optimizer_name: str, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler: Any, total_steps: int, steps_per_epoch: int,
+                     epochs: int, progress_fields: tuple[str, ...], hparams: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose parts are not this run's: another optimizer, another model shape, an
+    optimizer state laid out for another optimizer, or progress outside the planned run."""
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path} {what}: it was not used; delete it to start this run afresh")
+
+    if payload["optimizer_name"] != optimizer_name:
+        raise refuse(f"holds a {payload['optimizer_name']!r} run, this run is {optimizer_name!r}")
+    saved_model = payload["model"]
+    if not isinstance(saved_model, dict) or _shapes(saved_model) != _shapes(model.state_dict()):
+        raise refuse("holds a model of another shape (depth, width, patch or classes differ)")
+    saved_opt, fresh = payload["optimizer"], optimizer.state_dict()
+    groups = saved_opt.get("param_groups") if isinstance(saved_opt, dict) else None
+    if not isinstance(groups, list) or not isinstance(saved_opt.get("state"), dict) \
+            or len(groups) != len(fresh["param_groups"]) \
+            or any(not isinstance(g, dict) or not set(f) <= set(g) or len(g.get("params", ())) != len(f["params"])
+                   for g, f in zip(groups, fresh["param_groups"])):  # some add keys as they step (SophiaH: step)
+        raise refuse(f"holds an optimizer state that is not laid out as {optimizer_name}'s")
+    # The hyperparameters the run sets (betas, weight decay, eps, ...) stay as built while it trains (the
+    # schedule moves lr only): a state saved by another optimizer or setting holds other values.
+    for g, f in zip(groups, fresh["param_groups"]):
+        for key in set(hparams) & set(f) - {"lr", "params"}:
+            if _plain(g[key]) != _plain(f[key]):
+                raise refuse(f"holds {key}={g[key]!r} where this run's {optimizer_name} has {f[key]!r}")
+    known = {i for f in fresh["param_groups"] for i in f["params"]}
+    if not set(saved_opt["state"]) <= known:
+        raise refuse("holds optimizer state for parameters this model does not have")
+    if (payload["scheduler"] is None) != (scheduler is None) or \
+            (scheduler is not None and set(payload["scheduler"]) != set(scheduler.state_dict())):
+        raise refuse("holds a learning-rate schedule this run does not have (or lacks the one it has)")
+    probe = payload.get("memory_probe")
+    if probe is not None and not (isinstance(probe, dict) and type(probe.get("peak_bytes")) is int):
+        raise refuse("holds a memory probe that is not one")
+    estimates, wall = payload.get("hessian_estimates"), payload.get("wall_time_s", 0.0)
+    if estimates is not None and (type(estimates) is not int or estimates < 0):
+        raise refuse("holds a Hessian estimate count that is not a whole number >= 0")
+    if not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
+        raise refuse("holds a wall time that is not a finite number >= 0")
+    rng = payload["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+        raise refuse("holds no random-number state")
+    if payload["total_steps"] != total_steps or payload["steps_per_epoch"] != steps_per_epoch:
+        raise refuse(f"was planned as {payload['total_steps']} steps of {payload['steps_per_epoch']} per epoch, "
+                     f"this run is {total_steps} of {steps_per_epoch}")
+    problem = _progress_problem(payload["progress"], steps_per_epoch, epochs, progress_fields)
+    if problem:
+        raise refuse(problem)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def _progress_problem(progress: Any, steps_per_epoch: int, epochs: int, fields: tuple[str, ...]) -> str | None:
+    if not isinstance(progress, dict) or set(progress) != set(fields):
+        return "holds progress with other fields than a run's"
+    counts = ("steps", "images_seen", "hessian_steps", "epochs_done", "step_in_epoch")
+    if any(type(progress[k]) is not int or progress[k] < 0 for k in counts):
+        return "holds progress counters that are not whole numbers >= 0"
+    if any(not isinstance(progress[k], (int, float)) or not math.isfinite(progress[k]) or progress[k] < 0
+           for k in ("train_time_s", "eval_time_s")):
+        return "holds progress times that are not finite numbers >= 0"
+    done, within = progress["epochs_done"], progress["step_in_epoch"]
+    if not (done < epochs and within < steps_per_epoch or done == epochs and within == 0):
+        return (f"claims epoch {done} done and step {within} of the next, outside the planned "
+                f"{epochs} epochs of {steps_per_epoch} steps")
+    if progress["steps"] != done * steps_per_epoch + within:
+        return f"claims {progress['steps']} steps, not the {done * steps_per_epoch + within} its epochs make"
+    if progress["hessian_steps"] > progress["steps"]:
+        return "claims more Hessian steps than steps"
+    history = progress["history"]
+    if not isinstance(history, list) or len(history) != done or any(
+            not isinstance(row, dict) or row.get("epoch") != i for i, row in enumerate(history, 1)):
+        return f"holds a history that is not epochs 1 to {done}"
+    if not isinstance(progress["epoch_loss_sum"], (int, float)):
+        return "holds a running loss that is not a number"
+    return None
 
 
 def capture_rng(device: torch.device) -> dict[str, Any]:

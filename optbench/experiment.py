@@ -8,7 +8,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from importlib import metadata
 from typing import Any, Callable
@@ -17,11 +17,11 @@ import torch
 
 from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
-from optbench.checkpoints import (CheckpointError, RunLock, acquire_run_lock, capture_rng, checkpoint_path,
-                                  load_checkpoint, restore_rng, save_checkpoint)
+from optbench.checkpoints import (CheckpointError, RunLock, acquire_run_lock, capture_rng, check_checkpoint,
+                                  checkpoint_path, load_checkpoint, restore_rng, save_checkpoint)
 from optbench.data import SPECS, ImageData, holdout_validation, load_dataset, steps_per_epoch, train_batches
 from optbench.diagnostics import StepDiagnostics
-from optbench.errors import ConfigError, DeviceError, OptbenchError
+from optbench.errors import ConfigError, DeviceError, OptbenchError, RecordError
 from optbench.interrupt import StopOnSignal
 from optbench.measure import (CALIBRATION_MATMULS, CALIBRATION_REPEATS, CALIBRATION_SIZE, calibration_kernel,
                               cuda_peaks, memory_probe, optimizer_state_bytes, reset_cuda_peak,
@@ -34,7 +34,9 @@ from optbench.timing import assess as assess_timing
 from optbench.timing import epoch_spread, epoch_times
 from optbench.optimizers import BuildContext, RunSettings, get_entry, library_versions
 from optbench.setup_cache import cached, flops_key, probe_key
-from optbench.records import SCHEMA_VERSION, ensure_writable, find_finished, utc_now, write_record
+from optbench.records import (SCHEMA_VERSION, ensure_writable, find_finished, record_filename, utc_now,
+                              write_record_or_fallback)
+from optbench.tempfiles import remove_stale
 from optbench.train import StopRequested, TrainResult, autocast_for, train, training_step
 
 PACKAGES = ("torchvision", "numpy", "scikit-learn", "optuna")  # besides torch, timm and the optimizers' libraries
@@ -278,7 +280,12 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
     torch.set_num_threads(config.threads)  # the count the config (and its hash) says this run uses
     device = torch.device(config.device)
     entry = get_entry(config.optimizer)
-    ensure_writable(config.results_dir)  # fail now, not after hours of training
+    # Fail now, not after hours of training: the folder takes a file named as long as the record will be.
+    ensure_writable(config.results_dir, longest_name=record_filename(
+        {"config": config.to_dict(), "optimizer": config.optimizer, "config_hash": config.config_hash,
+         "started_at": started_at}).replace(".json", "-999.json"))
+    # Temporaries of processes killed while writing (records, checkpoints, cache entries) go now.
+    remove_stale(config.results_dir, Path(config.results_dir) / "checkpoints", Path(config.results_dir) / "cache")
     claim = claim_run(config, reuse_finished=resume or settled is not None, settled=settled)
     if claim.finished is not None:
         reporter.phase(f"this run has finished already: reusing {claim.finished['_path']} (nothing trained)")
@@ -329,7 +336,7 @@ def _setup_failure(config: RunConfig, status: str, detail: str, device: torch.de
         "optimizer_state_bytes": None, "param_count": None, "history": [], "config": config.to_dict(),
         "environment": environment(device), "started_at": started_at, "finished_at": utc_now(),
     }
-    return record, write_record(config.results_dir, record)
+    return record, _write_or_keep(config, record, checkpoint_path(config.results_dir, config.config_hash))
 
 
 def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_start, stop, before_training=None):
@@ -357,7 +364,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     data = data.to(device)
     setup_step_done()
     model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
-    total_steps = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
+    epoch_steps = steps_per_epoch(data.train_x.shape[0], config.batch_size)
+    total_steps = config.epochs * epoch_steps
     warmup = resolved_warmup_steps(config.warmup_steps, total_steps)
     context = BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup)
     built = _build_optimizer(entry, model, config.hparams, context)
@@ -369,6 +377,11 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
                  if entry.external_schedule else None)
     amp = autocast_for(device, config.precision)
+    if saved:  # before any of it is used: a checkpoint that is not this run's is refused, not half-loaded
+        check_checkpoint(ckpt_path, saved, optimizer_name=config.optimizer, model=model, optimizer=optimizer,
+                         scheduler=scheduler, total_steps=total_steps, steps_per_epoch=epoch_steps,
+                         epochs=config.epochs, progress_fields=tuple(f.name for f in fields(TrainResult)),
+                         hparams=config.hparams)
 
     sample_x = data.normalize(data.train_x[: min(config.batch_size, data.train_x.shape[0])])
     sample_y = data.train_y[: sample_x.shape[0]]
@@ -403,11 +416,16 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     progress = None
     earlier_wall = 0.0
     if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        restore_rng(saved["rng"], device)
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
+            restore_rng(saved["rng"], device)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:  # what the checks above cannot see
+            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run ({exc.__class__.__name__}: "
+                                  f"{(str(exc).splitlines() or [''])[0][:200]}): it was not used; delete it to start "
+                                  "this run afresh") from None
         progress = TrainResult(**saved["progress"])
         progress.status, progress.detail = "ok", ""
         earlier_wall = saved.get("wall_time_s", 0.0)
@@ -417,7 +435,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     def save(state: TrainResult) -> None:
         try:
             save_checkpoint(ckpt_path, {
-                "config_hash": config.config_hash, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "config_hash": config.config_hash, "optimizer_name": config.optimizer, "total_steps": total_steps,
+                "steps_per_epoch": epoch_steps, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": capture_rng(device),
                 "progress": asdict(state), "memory_probe": probe,
                 "memory_probe_reused_from": probe_reused_from, "hessian_estimates": estimates_so_far(),
@@ -454,6 +473,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                    eager_model=model if config.compile else None,
                    diagnostics=StepDiagnostics(list(model.parameters()), optimizer, entry, reporter.warn),
                    before_eval=recompute_bn)
+    if result.status == "ok":  # the final state, kept until the record is safely written
+        save(result)
     if device.type == "cuda":
         peaks = cuda_peaks(device)
         peak, peak_source, reserved = peaks["allocated"], "torch.cuda.max_memory_allocated (whole training)", \
@@ -556,7 +577,21 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                                     f"run with create_graph ({record['hessian_steps_planned']})").strip()
     if peak is not None and device.type == "cuda" and saved is not None:
         record["peak_memory_source"] += " (since the resume only)"
-    path = write_record(config.results_dir, record)
+    path = _write_or_keep(config, record, ckpt_path)
     if result.status in ("ok", "diverged") and ckpt_path.exists():
-        ckpt_path.unlink()  # finished: the record is the result; an interrupted run keeps its checkpoint
+        ckpt_path.unlink()  # finished and recorded: the record is the result; an interrupted run keeps its checkpoint
     return record, path
+
+
+def _write_or_keep(config: RunConfig, record: dict[str, Any], ckpt_path: Path) -> Path:
+    """Write the record; if the results directory cannot take it (a full disk, a path too long), save it
+    in a fallback folder and stop with a message naming it and the file system's reason. The run's
+    checkpoint (its final state, for a finished run) is kept until the record is in the results
+    directory, so `--resume` can write it there later without training again."""
+    path, reason = write_record_or_fallback(config.results_dir, record)
+    if reason is None:
+        return path
+    resume = (" or, once there is room, run the same command with --resume (the final checkpoint is kept)"
+              if ckpt_path.exists() else "")
+    raise RecordError(f"the run ended ({record['status']}) but {reason}; its record was saved as {path} instead: "
+                      f"move it into {config.results_dir}{resume}")

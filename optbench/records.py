@@ -7,6 +7,7 @@ never raises for one bad file: unreadable records are reported by name and skipp
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from optbench.errors import RecordError
+from optbench.tempfiles import temp_name
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = ("optimizer", "status", "config", "config_hash")
@@ -33,17 +35,37 @@ def record_filename(record: dict[str, Any]) -> str:
     return f"{cfg['dataset']}-{record['optimizer']}-seed{cfg['seed']}-{record['config_hash']}-{stamp}.json"
 
 
-def ensure_writable(results_dir: str | Path) -> Path:
-    """Create the results directory and prove a file can be written there, before any training."""
+def _what_to_do(exc: OSError) -> str:
+    """The advice that fits the file system's reason."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space or choose another --results-dir"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "choose a shorter --results-dir"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "choose another --results-dir or fix its permissions"
+    return "choose another --results-dir"
+
+
+def ensure_writable(results_dir: str | Path, longest_name: str | None = None) -> Path:
+    """Create the results directory and prove a file can be written there, before any training.
+    `longest_name`: the longest file name that will be written there (a run's record name), so a path
+    too long for the file system is found now, not when the record is written."""
     path = Path(results_dir)
+    probe = temp_name("", prefix=".write-test-")
+    if longest_name is not None and len(longest_name) > len(probe):
+        probe += "x" * (len(longest_name) - len(probe))
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True) as handle:
-            handle.write(b"ok")
-            handle.flush()
+        with open(path / probe, "xb") as handle:
+            try:
+                handle.write(b"ok")
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                os.unlink(path / probe)
     except OSError as exc:
         raise RecordError(f"cannot write to results directory {path} ({exc.strerror or exc}): "
-                          "choose another with --results-dir or fix its permissions") from None
+                          f"{_what_to_do(exc)}") from None
     return path
 
 
@@ -59,17 +81,24 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def record_text(record: dict[str, Any]) -> str:
+    """The record as written: JSON, non-finite numbers as null, loader annotations (`_path`, ...) left out."""
+    clean = {k: v for k, v in record.items() if not k.startswith("_")}
+    return json.dumps(_json_safe(clean), indent=2, sort_keys=False, allow_nan=False, default=str) + "\n"
+
+
 def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
     """Write `record` atomically under a new name; returns its path. Never replaces an existing file.
 
-    Non-finite numbers are written as null."""
-    directory = ensure_writable(results_dir)
+    Non-finite numbers are written as null. Raises RecordError with the file system's reason."""
+    directory = Path(results_dir)
     base = record_filename(record)
-    text = json.dumps(_json_safe(record), indent=2, sort_keys=False, allow_nan=False, default=str)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    text = record_text(record)
+    tmp = directory / temp_name(".json")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text + "\n")
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "x") as handle:
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         for attempt in range(1000):
@@ -80,21 +109,53 @@ def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
                 return target
             except FileExistsError:
                 continue
-            except OSError:  # a file system without hard links (some network mounts): exclusive create
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                # a file system without hard links (some network mounts): exclusive create
                 try:
                     with open(target, "x") as handle:
-                        handle.write(text + "\n")
+                        handle.write(text)
                     return target
                 except FileExistsError:
                     continue
         raise RecordError(f"could not find a free record name for {base} in {directory}")
     except OSError as exc:
-        raise RecordError(f"could not write run record in {directory} ({exc.strerror or exc})") from None
+        raise RecordError(f"could not write run record {directory / base} ({exc.strerror or exc})") from None
     finally:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+
+
+FALLBACK_ENV = "OPTBENCH_FALLBACK_DIR"
+
+
+def fallback_dirs() -> list[Path]:
+    """Where a record goes when its results directory cannot take it: $OPTBENCH_FALLBACK_DIR, then
+    ~/.local/state/optbench/unsaved-records, then the system's temporary folder (often another disk)."""
+    override = os.environ.get(FALLBACK_ENV)
+    return ([Path(override)] if override else []) + [
+        Path.home() / ".local" / "state" / "optbench" / "unsaved-records",
+        Path(tempfile.gettempdir()) / "optbench-unsaved-records"]
+
+
+def write_record_or_fallback(results_dir: str | Path, record: dict[str, Any]) -> tuple[Path, str | None]:
+    """(path, None) when the record is in `results_dir`; (path elsewhere, why) when it could not be
+    written there but was saved in a fallback folder. Raises RecordError, naming every reason, only if
+    no place at all took it."""
+    try:
+        return write_record(results_dir, record), None
+    except RecordError as exc:
+        reason = str(exc)
+    reasons = [reason]
+    for folder in fallback_dirs():
+        try:
+            return write_record(folder, record), reason
+        except RecordError as exc:
+            reasons.append(str(exc))
+    raise RecordError("; ".join(reasons) + f"; set {FALLBACK_ENV} to a folder with space")
 
 
 @dataclass

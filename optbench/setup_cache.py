@@ -28,9 +28,10 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from optbench.tempfiles import temp_name
 
 CACHE_DIR = "cache"
 PROBE_FORMAT = 1  # bump when memory_probe / training_flops_per_image change what they measure
@@ -89,9 +90,9 @@ def _write(path: Path, key: dict[str, Any], value: Any, warn: Callable[[str], No
     """Atomic: readers see the old file, no file, or the whole new one. A failure only costs the reuse."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        tmp = path.parent / temp_name(".json")  # names its writer: a killed one's is removed at the next start
         try:
-            with os.fdopen(fd, "w") as handle:
+            with open(tmp, "x") as handle:
                 json.dump({"key": key, "value": value}, handle, indent=1)  # value in its own key order
             os.replace(tmp, path)
         finally:

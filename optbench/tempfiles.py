@@ -1,0 +1,65 @@
+"""Temporary files that become records, checkpoints and cache entries, and the removal of stale ones.
+
+Every such file is written under a dot name that says who writes it, `.tmp-<host>-<pid>-<random><suffix>`,
+and then renamed or linked to its final name. A process killed in between leaves it behind (a checkpoint's
+is as large as the checkpoint). `remove_stale` deletes the ones no live process is writing: on this
+host, those whose process is gone; from another host (a shared file system) or with a name that says
+nothing, those untouched for STALE_AFTER_S (a live writer finishes in seconds). A leaf module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+
+PREFIXES = (".tmp-", ".write-test-")
+STALE_AFTER_S = 600.0
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+_OWNED = re.compile(r"^\.(?:tmp|write-test)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def temp_name(suffix: str, prefix: str = ".tmp-") -> str:
+    """A fresh temporary file name that says which process writes it."""
+    return f"{prefix}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def is_stale(path: Path, now: float | None = None) -> bool:
+    owned = _OWNED.match(path.name)
+    if owned and owned["host"] == _HOST:
+        return not _alive(int(owned["pid"]))
+    try:
+        return (now or time.time()) - path.stat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+
+
+def remove_stale(*directories: str | Path) -> list[Path]:
+    """Delete stale temporaries in `directories` (not below them); returns what was removed."""
+    removed = []
+    for directory in directories:
+        try:
+            candidates = [p for p in Path(directory).iterdir() if p.name.startswith(PREFIXES)]
+        except OSError:
+            continue
+        for path in candidates:
+            if path.is_file() and is_stale(path):
+                try:
+                    path.unlink()
+                    removed.append(path)
+                except OSError:
+                    pass
+    return removed

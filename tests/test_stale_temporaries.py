@@ -1,0 +1,60 @@
+"""Temporaries left by killed processes (records, checkpoints, cache entries) are removed at the next
+start; those of a live process, or too young to judge, are left alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from optbench.experiment import run_experiment
+from optbench.tempfiles import STALE_AFTER_S
+
+from conftest import tiny_config
+
+WRITE_AND_DIE = """
+import os, sys
+from pathlib import Path
+from optbench.tempfiles import temp_name
+folder = Path(sys.argv[1])
+path = folder / temp_name(sys.argv[2])
+path.write_bytes(b"half a checkpoint" * 1000)
+print(path, flush=True)
+os.kill(os.getpid(), 9)  # killed mid-write, as kill -9 does
+"""
+
+WRITE_AND_LIVE = WRITE_AND_DIE.replace("os.kill(os.getpid(), 9)", "import time; time.sleep(120)")
+
+
+def test_a_killed_writers_temporaries_go_and_a_live_ones_stay(tmp_path: Path):
+    results = tmp_path / "results"
+    folders = {"record": results, "checkpoint": results / "checkpoints", "cache": results / "cache"}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    dead = []
+    for what, folder in folders.items():
+        suffix = ".pt" if what == "checkpoint" else ".json"
+        killed = subprocess.run([sys.executable, "-c", WRITE_AND_DIE, str(folder), suffix], capture_output=True,
+                                text=True)
+        assert killed.returncode == -9
+        dead.append(Path(killed.stdout.strip()))
+    live = subprocess.Popen([sys.executable, "-c", WRITE_AND_LIVE, str(folders["checkpoint"]), ".pt"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        live_file = Path(live.stdout.readline().strip())
+        old_unnamed = folders["checkpoint"] / ".tmp-k2j4l5x_.pt"  # an older optbench's name: judged by age
+        old_unnamed.write_bytes(b"x")
+        os.utime(old_unnamed, (time.time() - STALE_AFTER_S - 60,) * 2)
+        young_unnamed = results / ".tmp-abcdefgh.json"
+        young_unnamed.write_bytes(b"x")
+        assert all(p.exists() for p in [*dead, live_file, old_unnamed, young_unnamed])
+
+        record, _ = run_experiment(tiny_config("adamw", results, memory_probe=False, epochs=1))
+        assert record["status"] == "ok"
+        assert not any(p.exists() for p in [*dead, old_unnamed]), [p for p in dead if p.exists()]
+        assert live_file.exists() and young_unnamed.exists()
+    finally:
+        live.kill()
+        live.wait()
