@@ -41,7 +41,7 @@ def read_lock(path: Path) -> dict[str, Any] | None:
     """The lock's owner ({host, pid, token, started_at, job_id, worker}) and `age_s` since its last
     heartbeat by the file server's clock; None if there is no lock or it is unreadable (being written)."""
     try:
-        text = path.read_text()
+        text = path.read_bytes()  # json reads bytes; garbage (not UTF-8) is "unreadable", not a traceback
         mtime = path.stat().st_mtime
     except OSError:
         return None
