@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 
 from optbench.analysis import MEMORY_TARGET, optimizer_order, summary_table  # noqa: E402
 from optbench.optimizers import BASELINE  # noqa: E402
+from optbench.timing import record_disturbance  # noqa: E402
 from optbench.optimizers import color_of, title_of  # noqa: E402
 
 PARTS = ("params", "grads", "optimizer_state", "activations", "backward_temporaries", "step_temporaries", "inputs")
@@ -34,13 +35,9 @@ def _series(runs: list[dict[str, Any]], x_key: str, y_key: str, length: int) -> 
 
 
 def timing_disturbed(record: dict[str, Any]) -> list[str]:
-    """Why a run's timing was disturbed (a busy machine), from the record's `timing` block if it has one
-    (`disturbed`, `disturbed_reasons`); [] for an undisturbed run or a record without the block."""
-    timing = record.get("timing")
-    if not isinstance(timing, dict) or not timing.get("disturbed"):
-        return []
-    reasons = timing.get("disturbed_reasons")
-    return [str(r) for r in reasons] if isinstance(reasons, list) and reasons else ["flagged disturbed"]
+    """Why a run's timing was disturbed (a busy machine): the analysis' own reading of the record's `timing`
+    block (optbench/timing.py, as the tables mark it); [] for an undisturbed run or a record without it."""
+    return record_disturbance(record)
 
 
 def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
