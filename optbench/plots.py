@@ -85,8 +85,11 @@ def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Pa
     axes[0, 0].legend()
     if disturbed:
         names = ", ".join(f"{title_of(r['optimizer'])} seed {r['config'].get('seed')}" for r in disturbed)
-        fig.suptitle(f"{title}\ntiming disturbed (busy machine): {names}; their wall-times do not stand, "
-                     "rerun with --rerun on an idle machine", color="darkred")
+        import textwrap
+
+        warning = textwrap.fill(f"timing disturbed (busy machine): {names}; their wall-times do not stand, "
+                                "rerun with --rerun on an idle machine", width=110)
+        fig.suptitle(f"{title}\n{warning}", color="darkred")
     else:
         fig.suptitle(title)
     fig.tight_layout()
