@@ -79,10 +79,16 @@ def test_memory_takes_the_batch_size_and_workload_from_another_preset(tmp_path):
         (8, 1, 10, 4, 32)
 
 
-def test_memory_with_a_model_keeps_that_models_own_size():
+def test_memory_with_a_model_keeps_that_models_own_size(tmp_path):
     result = runner.invoke(app, ["memory", "--model", "vit_nonexistent_patch16_224"])
     assert result.exit_code == 1 and "unknown model 'vit_nonexistent_patch16_224'" in result.output
     assert "preset's model" not in result.output  # the model was given: no preset model announced
+    path = tmp_path / "memory.json"
+    result = runner.invoke(app, ["memory", "--model", "vit_tiny_patch16_224", "--batch-size", "1", "--method",
+                                 "estimate", "--optimizers", "adamw,lion", "--json", str(path)])
+    assert result.exit_code == 0 and "preset's" not in result.output, result.output
+    spec = json.loads(path.read_text())["spec"]
+    assert (spec["image_size"], spec["patch_size"], spec["num_classes"], spec["in_chans"]) == (224, 16, 1000, 3)
 
 
 # --- ETA --------------------------------------------------------------------------------------------
