@@ -245,6 +245,9 @@ def record_problem(record: Any) -> str | None:
         return f"peak_memory_without_dataset_bytes {without} exceeds peak_memory_bytes {peak}"
     if peak is not None and data is not None and "cuda" in str(record.get("peak_memory_source")) and data > peak:
         return f"dataset_device_bytes {data} exceed the CUDA peak_memory_bytes {peak} that held them"
+    warnings = record.get("warnings")
+    if warnings is not None and not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
+        return "warnings is not a list of text"
     if record.get("evaluated_on", "test") not in ("test", "validation"):
         return f"evaluated_on {record['evaluated_on']!r} is neither test nor validation"
     problem = _history_problem(record.get("history", []), record.get("evaluated_on") == "validation")

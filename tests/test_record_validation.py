@@ -142,3 +142,46 @@ def test_nonsense_is_named_in_one_line_and_never_reused(tmp_path, field, value, 
     assert find_finished(tmp_path, record["config_hash"]) is None  # compare and tune would run it again
     history_bad = mutate(four()[0], ("history", 1, "test_acc"), 5.0)
     assert record_problem(history_bad) == "history epoch 2: test_acc 5.0 is not a fraction in [0, 1]"
+
+
+def leaf_paths(value, prefix=()) -> list[tuple]:
+    if isinstance(value, dict):
+        return [prefix] * bool(prefix) + [p for k, v in value.items() for p in leaf_paths(v, (*prefix, k))]
+    if isinstance(value, list):
+        return [prefix] + [p for i, v in enumerate(value[:2]) for p in leaf_paths(v, (*prefix, i))]
+    return [prefix]
+
+
+def full_record() -> dict:
+    """A record with every block a real one has (environment, implementation, model, warnings, diagnostics)."""
+    rec = four()[1]
+    rec.update(environment={"device": "cuda", "device_name": "GPU", "cpu_threads": 8, "python": "3.11",
+                            "packages": {"torch": "2.9", "timm": "1.0", "lion-pytorch": "0.2"}},
+               optimizer_implementation={"class": "lion_pytorch.Lion", "code_path": "foreach"},
+               model={"name": "vit_tiny_patch16_224", "patch_size": 4, "image_size": 32, "depth": 12, "width": 192},
+               warnings=["Lion at an AdamW learning rate"], eval_wall_time_s=3.0, total_wall_time_s=110.0)
+    for row in rec["history"]:
+        row["diagnostics"] = {"grad_norm": 1.0, "update_rms": 0.001, "log_points": 3}
+    return rec
+
+
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
+                      st.text(max_size=5), st.lists(st.integers(-3, 3), max_size=2),
+                      st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+# 15 examples (each writes the report's figures, ~2 s); 60 passed when this test was written.
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=st.data())
+def test_no_value_anywhere_in_a_record_makes_report_fail_with_a_traceback(tmp_path_factory, data):
+    records = four() + [full_record()]
+    records[-1]["config"]["seed"] = 1
+    path = data.draw(st.sampled_from(leaf_paths(records[-1])))
+    value = data.draw(st.one_of(st.just("delete"), ANY_VALUE))
+    records[-1] = mutate(records[-1], path, value)
+    folder = tmp_path_factory.mktemp("any") / "r"
+    write(folder, records)
+    result = CliRunner().invoke(app, ["report", str(folder), "--out", str(folder.parent / "out"), "--diagnostics"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), (path, value, repr(result.exception))
+    assert result.exit_code in (0, 1), (path, value, result.output)
