@@ -3,7 +3,7 @@
 Used before a long CPU run starts (CIFAR on a CPU: hours), so the user can decide knowing the cost.
 Per optimizer in the plan: the run's own model, optimizer, batch size, precision and data; one untimed
 step (lazy optimizer state, first-call overheads), then two timed plain steps and, for an optimizer with
-Hessian steps (Sophia), one timed Hessian step, weighted 1/update_period as in training. A small
+Hessian steps (Sophia), one timed Hessian step, weighted by the entry's `hessian_period` as in training. A small
 evaluation batch is timed and scaled to the test split. The planned steps and evaluations of every run
 are then multiplied out. Each step is a real step (on a loaded 2-core CPU, ViT-Tiny at batch 128 takes
 seconds per step), so the estimate itself takes a minute or more there; it is small beside the hours.
@@ -84,8 +84,8 @@ def _pace(config: RunConfig, data: ImageData, plain_steps: int) -> OptimizerPace
     step(timed=False)  # lazy optimizer state and first-call overheads
     while len(times[False]) < plain_steps:
         step(timed=True)
-    period = config.hparams.get("update_period")  # Hessian steps come every `update_period` steps
-    if entry.force_hessian_next is not None and isinstance(period, int) and period >= 1:
+    period = entry.hessian_period(config.hparams)  # one step in `period` is a Hessian step
+    if entry.force_hessian_next is not None and period is not None and period >= 1:
         if not times[True]:
             entry.force_hessian_next(optimizer)
             step(timed=True)

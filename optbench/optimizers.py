@@ -149,8 +149,10 @@ class OptimizerEntry:
     # Recompute BatchNorm statistics at the evaluated weights before evaluating (Schedule-Free).
     bn_warmup: bool = False
     hessian_due: Callable[[Any], bool] = _never
-    # Makes the next step a Hessian step (memory probe only, on a throwaway copy).
+    # Makes the next step a Hessian step (memory probe and time estimate only, on a throwaway copy).
     force_hessian_next: Callable[[Any], None] | None = None
+    # Hyperparameters -> one step in how many is a Hessian step (None: the optimizer has none).
+    hessian_period: Callable[[dict[str, Any]], int | None] = lambda hparams: None
     # The course's common mistakes: (hyperparameters, run settings) -> warnings with the course's advice.
     warnings: Callable[[dict[str, Any], RunSettings], list[str]] = _no_warnings
     # A key the optimizer does not take -> why (e.g. Schedule-Free and a scheduler), or None: "unknown".
@@ -553,6 +555,7 @@ register(OptimizerEntry(
     "sophia", "Sophia (Hutchinson)", "#2ca02c", "pytorch-optimizer", _build_sophia,
     group_params=_one_group(StateLayout(("momentum", "hessian_moment", "hessian"))),
     hessian_due=_sophia_hessian_due, force_hessian_next=_sophia_force_hessian_next,
+    hessian_period=lambda hparams: hparams["update_period"],
     hessian_estimates=_sophia_estimates, hessian_estimate=_sophia_hessian_estimate,
     diagnostics=_sophia_diagnostics, diagnostics_advice=_sophia_advice,
     extra_hparams=frozenset({"hessian_batch"}), choices={"hessian_distribution": ("rademacher", "gaussian")},
