@@ -8,7 +8,7 @@ counters and history, the torch RNG states (Sophia's Hutchinson probes draw from
 in the epoch (the batch order itself is a pure function of seed and epoch). It says what it claims to
 be (optimizer, planned steps, the model's tensors by shape) and carries the SHA-256 of its payload; all
 of that is checked against the run before any state is loaded. Written to a temporary file and renamed;
-loaded with `weights_only=True`.
+its payload loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -39,22 +39,25 @@ def checkpoint_path(results_dir: str | Path, config_hash: str) -> Path:
     return Path(results_dir) / "checkpoints" / f"{config_hash}.pt"
 
 
-def _serialise(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+MAGIC = b"optbench-checkpoint"
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write `payload` with its SHA-256 (torch.save to memory, then a plain write: a full disk is
-    reported by the file system's own words, not by a zip writer's position check)."""
-    blob = _serialise(payload)
-    document = _serialise({"version": CHECKPOINT_VERSION, "sha256": hashlib.sha256(blob).hexdigest(), "payload": blob})
+    """Write `payload` after a one-line header holding its SHA-256: `optbench-checkpoint 2 <sha256>`.
+
+    torch.save goes to memory, then a plain write: a full disk is reported by the file system's own
+    words, not by a zip writer's position check. (The payload is not wrapped in a second torch.save:
+    pickling one 100 MB bytes object took 2 s where the whole write takes 0.2 s.)"""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    blob = buffer.getvalue()
+    header = MAGIC + b" %d %s\n" % (CHECKPOINT_VERSION, hashlib.sha256(blob).hexdigest().encode())
     tmp = path.parent / temp_name(".pt")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as handle:
-            handle.write(document)
+            handle.write(header)
+            handle.write(blob)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)  # the same run's newer state replaces its older one, atomically
@@ -76,17 +79,18 @@ def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
         return CheckpointError(f"checkpoint {path} {what}: it was not used; delete it to start this run afresh")
 
     try:
-        document = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated zip, a pickle that weights_only refuses, ...
-        raise refuse(f"cannot be loaded ({exc.__class__.__name__})") from None
-    if not isinstance(document, dict) or document.get("version") != CHECKPOINT_VERSION:
-        raise refuse(f"is not an optbench checkpoint of version {CHECKPOINT_VERSION}")
-    blob = document.get("payload")
-    if not isinstance(blob, bytes) or hashlib.sha256(blob).hexdigest() != document.get("sha256"):
+        document = path.read_bytes()
+    except OSError as exc:
+        raise refuse(f"cannot be read ({exc.strerror or exc})") from None
+    header, _, blob = document.partition(b"\n")
+    parts = header.split(b" ")
+    if len(parts) != 3 or parts[0] != MAGIC or parts[1] != str(CHECKPOINT_VERSION).encode():
+        raise refuse(f"cannot be loaded (not an optbench checkpoint of version {CHECKPOINT_VERSION})")
+    if hashlib.sha256(blob).hexdigest().encode() != parts[2]:
         raise refuse("does not match its SHA-256 (changed or damaged after it was written)")
     try:
         payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # a pickle that weights_only refuses, ...
         raise refuse(f"cannot be loaded ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict):
         raise refuse("holds no payload")
