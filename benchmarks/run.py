@@ -675,10 +675,22 @@ class E2EConfig:
     reps: int
 
 
+def e2e_model(cfg: "E2EConfig") -> torch.nn.Module:
+    """The model of an end-to-end configuration, seeded, the same for both runners. The small one is timm's
+    `test_vit` made directly by timm (optbench's model registry takes other timm ViTs by their `vit_` names)."""
+    if cfg.model != SMALL_VIT:
+        return build_model(cfg.model, SPEC, seed=0, depth=cfg.depth)
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(SMALL_VIT, pretrained=False, img_size=32, patch_size=SPEC.patch_size,
+                             in_chans=SPEC.channels, num_classes=SPEC.num_classes, depth=cfg.depth)
+
+
 def run_optbench_e2e(cfg: E2EConfig, data: ImageData, steps: int) -> dict[str, Any]:
     """optbench's real train() for one epoch of `steps` steps: AdamW from the registry, warmup+cosine."""
     entry, hp = get_entry(BASELINE), hparams(BASELINE)
-    model = build_model(cfg.model, SPEC, seed=0, depth=cfg.depth)
+    model = e2e_model(cfg)
     warmup = resolved_warmup_steps(500, steps)
     optimizer = entry.make(model, hp, BuildContext("cpu", steps, warmup)).optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
@@ -701,7 +713,7 @@ def run_lightning_e2e(cfg: E2EConfig, hwc: np.ndarray, labels: np.ndarray, mean:
     import lightning as L
 
     hp = hparams(BASELINE)
-    model = build_model(cfg.model, SPEC, seed=0, depth=cfg.depth)
+    model = e2e_model(cfg)
     warmup = resolved_warmup_steps(500, steps)
     timer = PhaseTimer(model)
 
@@ -788,7 +800,7 @@ def bench_e2e_config(p: Profile, cfg: E2EConfig, results: dict[str, Any]) -> Non
         say("      why this one: a depth-1, 64-wide ViT's forward+backward+step on 128 images costs about as much as "
             "augmenting 128 images in PIL (tens of ms on this class of CPU),")
         say("      so data handling is a visible share of each step, as for small models or fast GPUs; the model is "
-            "timm's own (test_vit), built by optbench's build_model.")
+            "timm's own (test_vit) at 32 px, patch 4, made by timm.create_model.")
     hwc, labels = synthetic_cifar(cfg.batch * cfg.steps, seed=1)
     data = optbench_data(hwc, labels)
     warm = E2EConfig(cfg.key, cfg.title, cfg.model, cfg.depth, cfg.batch, 2, 1)
