@@ -73,7 +73,11 @@ def _pid_alive(pid: Any) -> bool:
         return False
     except PermissionError:
         return True  # someone else's live process
-    return True
+    try:  # a killed process its parent has not reaped yet (a zombie) still answers kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def lock_is_stale(owner: dict[str, Any] | None) -> bool:
