@@ -98,6 +98,32 @@ WORKERS_HELP = ("worker processes (local: on this machine, one GPU each when the
                 "tasks, default one per run to do)")
 
 
+# compare's and tune's executor options: one definition each, shared by both commands
+EXECUTOR_OPTION = typer.Option("local", help=EXECUTOR_HELP)
+WORKERS_OPTION = typer.Option(1, help=WORKERS_HELP)
+SLURM_PARTITION_OPTION = typer.Option(None, help="SLURM partition (default: cluster.yaml's)")
+SLURM_GPUS_OPTION = typer.Option(None, help="GPUs per array task (default 1)")
+SLURM_CPUS_OPTION = typer.Option(None, help="CPUs per array task, also each run's threads")
+SLURM_TIME_OPTION = typer.Option(None, help="time limit per task in minutes; a task reaching it saves its run's "
+                                 "checkpoint and is requeued (default 60)")
+SLURM_PARALLELISM_OPTION = typer.Option(None, help="array tasks running at once (default 16)")
+SLURM_SBATCH_OPTION = typer.Option([], "--slurm-sbatch", help="extra sbatch setting KEY=VALUE, e.g. account=mylab "
+                                   "(repeatable)")
+
+
+def executor_spec(executor: str, workers: int, partition: str | None, gpus_per_task: int | None,
+                  cpus_per_task: int | None, time_min: int | None, array_parallelism: int | None,
+                  sbatch: list[str]) -> Any:
+    """The checked ExecutorSpec of the executor options (cluster.yaml's slurm section under the --slurm-* ones)."""
+    from optbench.executors import ExecutorSpec, slurm_spec
+
+    spec = ExecutorSpec(executor, workers, slurm_spec(executor, dict(
+        partition=partition, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task, time_min=time_min,
+        array_parallelism=array_parallelism, sbatch=tuple(parse_opt_args(sbatch, "--slurm-sbatch").items()))))
+    spec.check()
+    return spec
+
+
 def run_overrides(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -208,16 +234,14 @@ def compare(
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    executor: str = typer.Option("local", help=EXECUTOR_HELP),
-    workers: int = typer.Option(1, help=WORKERS_HELP),
-    slurm_partition: Optional[str] = typer.Option(None, help="SLURM partition (default: cluster.yaml's)"),
-    slurm_gpus_per_task: Optional[int] = typer.Option(None, help="GPUs per array task (default 1)"),
-    slurm_cpus_per_task: Optional[int] = typer.Option(None, help="CPUs per array task, also each run's threads"),
-    slurm_time_min: Optional[int] = typer.Option(None, help="time limit per task in minutes; a task reaching it "
-                                                  "saves its run's checkpoint and is requeued (default 60)"),
-    slurm_array_parallelism: Optional[int] = typer.Option(None, help="array tasks running at once (default 16)"),
-    slurm_sbatch: list[str] = typer.Option([], "--slurm-sbatch", help="extra sbatch setting KEY=VALUE, e.g. "
-                                           "account=mylab (repeatable)"),
+    executor: str = EXECUTOR_OPTION,
+    workers: int = WORKERS_OPTION,
+    slurm_partition: Optional[str] = SLURM_PARTITION_OPTION,
+    slurm_gpus_per_task: Optional[int] = SLURM_GPUS_OPTION,
+    slurm_cpus_per_task: Optional[int] = SLURM_CPUS_OPTION,
+    slurm_time_min: Optional[int] = SLURM_TIME_OPTION,
+    slurm_array_parallelism: Optional[int] = SLURM_PARALLELISM_OPTION,
+    slurm_sbatch: list[str] = SLURM_SBATCH_OPTION,
 ) -> None:
     """Run every optimizer x seed on one workload (reusing finished runs) and report the comparison."""
     from optbench.compare import data_key, plan_runs, runs_to_train
@@ -225,7 +249,7 @@ def compare(
     from optbench.data import load_dataset
     from optbench.estimate import needs_confirmation
     from optbench.console import RichReporter, console, show_report
-    from optbench.executors import ExecutorSpec, Grid, execute, plan_threads, slurm_spec
+    from optbench.executors import Grid, execute, plan_threads
     from optbench.records import utc_now
     from optbench.tracking import check_trackers, reporter_factory
 
@@ -239,11 +263,8 @@ def compare(
             fail("--seeds must be whole numbers in [0, 2**31)")
         margin_frac = margin_fraction(margin)
         _check_rule(rule)
-        spec = ExecutorSpec(executor, workers, slurm_spec(executor, dict(
-            partition=slurm_partition, gpus_per_task=slurm_gpus_per_task, cpus_per_task=slurm_cpus_per_task,
-            time_min=slurm_time_min, array_parallelism=slurm_array_parallelism,
-            sbatch=tuple(parse_opt_args(slurm_sbatch, "--slurm-sbatch").items()))))
-        spec.check()
+        spec = executor_spec(executor, workers, slurm_partition, slurm_gpus_per_task, slurm_cpus_per_task,
+                             slurm_time_min, slurm_array_parallelism, slurm_sbatch)
         since = utc_now()
         configs = plan_runs(preset, names, seed_list, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
@@ -324,9 +345,8 @@ def tune(
     validation: float = typer.Option(0.1, help="share of the training set held out to score trials on"),
     seed: int = typer.Option(1000, help="trials' seed and Sobol seed; the final runs use other seeds (compare's)"),
     storage: Optional[str] = typer.Option(None, help="Optuna storage shared by all workers: sqlite:///PATH (default "
-                                                      "RESULTS/tune/optuna.sqlite3), postgresql://USER@HOST/DB, "
-                                                      "journal:PATH"),
-    workers: int = typer.Option(1, help="worker processes on this machine (one GPU each; CPU: cores/N threads)"),
+                                                      "RESULTS/tune/optuna.sqlite3; not with --executor slurm), "
+                                                      "postgresql://USER@HOST/DB, journal:PATH"),
     heartbeat: int = typer.Option(10, help="seconds between a trial's heartbeats; silent for 3x this, it is retried"),
     dataset: Optional[str] = typer.Option(None, help="override the preset's dataset"),
     epochs: Optional[int] = typer.Option(None, help="override the preset's epochs (matched for all)"),
@@ -348,18 +368,24 @@ def tune(
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
+    executor: str = EXECUTOR_OPTION,
+    workers: int = WORKERS_OPTION,
+    slurm_partition: Optional[str] = SLURM_PARTITION_OPTION,
+    slurm_gpus_per_task: Optional[int] = SLURM_GPUS_OPTION,
+    slurm_cpus_per_task: Optional[int] = SLURM_CPUS_OPTION,
+    slurm_time_min: Optional[int] = SLURM_TIME_OPTION,
+    slurm_array_parallelism: Optional[int] = SLURM_PARALLELISM_OPTION,
+    slurm_sbatch: list[str] = SLURM_SBATCH_OPTION,
 ) -> None:
     """Tune every optimizer with the same budget on a validation split, then compare on fresh seeds."""
     from optbench.config import margin_fraction, preset_seeds
     from optbench.console import RichReporter, console, show_tuning
     from optbench.tracking import check_trackers, reporter_factory
-    from optbench.executors import ExecutorSpec, plan_threads
+    from optbench.executors import plan_threads
     from optbench.tune import make_plan, run_tune
     from optbench.tune_report import build_tuning_report
 
     names = _csv_list(optimizers, "--optimizers")
-    if workers < 1:
-        fail("--workers must be at least 1")
     if final_seeds < 0:
         fail("--final-seeds must be 0 or more")
     results = results_dir or f"results/{preset}"
@@ -367,15 +393,18 @@ def tune(
         margin_frac = margin_fraction(margin)
         if not 0 <= seed < 2**31:
             fail("--seed must be a whole number in [0, 2**31)")
+        spec = executor_spec(executor, workers, slurm_partition, slurm_gpus_per_task, slurm_cpus_per_task,
+                             slurm_time_min, slurm_array_parallelism, slurm_sbatch)
         trackers = check_trackers(track, track_uri)  # a missing extra fails before the study is made
         plan = make_plan(preset, names, run_overrides(
             dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
             model=model, depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
-            results_dir=results, threads=plan_threads(ExecutorSpec("local", workers), threads)), space, trials,
-            seed, validation, storage, heartbeat)
+            results_dir=results, threads=plan_threads(spec, threads)), space, trials,
+            seed, validation, storage, heartbeat, spec.target_device(device))
         plan = dataclasses.replace(plan, track=tuple(trackers), track_uri=track_uri)
-        _confirm_long_tune(plan, final_seeds, yes)
-        outcome = run_tune(plan, workers, final_seeds,
+        if spec.kind != "slurm":  # on SLURM the runs train on other machines: this one's pace says nothing
+            _confirm_long_tune(plan, final_seeds, yes)
+        outcome = run_tune(plan, spec, final_seeds,
                            reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=True), trackers,
                                             track_uri),
                            lambda text: console.print(text, soft_wrap=True), quiet=quiet,

@@ -171,14 +171,14 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
                 + f", {record['train_wall_time_s']:.1f}s -> {path}")
             if record["status"] == "interrupted":
                 done["interrupted"] = True
-                _requeue_if_preempted()
+                requeue_if_preempted()
                 return done
             break  # read the records again: others may have settled runs meanwhile
         if not progressed:
             time.sleep(POLL_S)  # every unsettled run is held by a live worker: wait for them (or their stale locks)
 
 
-def _requeue_if_preempted() -> None:
+def requeue_if_preempted() -> None:
     """Under submitit, a run stopped by the preemption/time-limit signal has saved its checkpoint: now hand
     the signal to submitit's own handler, which calls our `checkpoint()` and requeues the task."""
     from optbench import interrupt
@@ -321,7 +321,7 @@ def make_submitit_executor(folder: Path, options: SlurmOptions, cluster: str, ta
         try:
             executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=options.max_requeues)
         except RuntimeError as exc:  # submitit: 'Could not detect "srun"'
-            raise ExecutorError(f"no SLURM here ({exc}): run compare on the cluster's login node, or try the same "
+            raise ExecutorError(f"no SLURM here ({exc}): run the command on the cluster's login node, or try the same "
                                 "machinery locally with --executor submitit-local") from None
         params = slurm_parameters(options, tasks)
     else:
@@ -334,26 +334,31 @@ def make_submitit_executor(folder: Path, options: SlurmOptions, cluster: str, ta
 
 
 try:
-    from submitit.helpers import Checkpointable as _Checkpointable
+    from submitit.helpers import Checkpointable
 except ImportError:  # submitit is a dependency; this keeps `import optbench.executors` cheap to reason about
-    _Checkpointable = object  # type: ignore[assignment,misc]
+    Checkpointable = object  # type: ignore[assignment,misc]
 
 
-class SubmititWorker(_Checkpointable):
+def start_submitit_task() -> str:
+    """In a submitit task: make its preemption/time-limit signal stop the run in progress first (it saves
+    its checkpoint; `requeue_if_preempted` then hands the signal to submitit). Returns the worker's name."""
+    import submitit
+
+    from optbench import interrupt
+
+    environment = submitit.JobEnvironment()
+    interrupt.defer_to_previous(environment._usr_sig())  # stop and checkpoint first, then submitit's requeue
+    os.environ.setdefault("OPTBENCH_JOB_ID", str(environment.job_id))  # shown by `optbench status`
+    return f"{environment.job_id}@{socket.gethostname()}"
+
+
+class SubmititWorker(Checkpointable):
     """One array task: `run_worker` over the grid. Checkpointable: when the task gets submitit's
     preemption/time-limit signal, the run in progress stops after its step and saves its checkpoint
     (the usual stop path), then submitit requeues this same callable, which claims and resumes it."""
 
     def __call__(self, grid: Grid, index: int) -> dict[str, Any]:
-        import submitit
-
-        from optbench import interrupt
-
-        environment = submitit.JobEnvironment()
-        interrupt.defer_to_previous(environment._usr_sig())  # stop and checkpoint first, then submitit's requeue
-        name = f"{environment.job_id}@{socket.gethostname()}"
-        os.environ.setdefault("OPTBENCH_JOB_ID", str(environment.job_id))  # shown by `optbench status`
-        return run_worker(grid, name)
+        return run_worker(grid, start_submitit_task())
 
 
 def submit_array(target: Any, args_per_task: list[tuple], folder: Path, options: SlurmOptions, cluster: str):
@@ -381,12 +386,20 @@ def held_by_live_worker(config: RunConfig) -> bool:
 def wait_for_jobs(jobs: list, grid: Grid, announce: Callable[[str], None]) -> list[str]:
     """Wait for the jobs (and for runs held by live workers of earlier jobs), reporting progress from the
     records; returns one line per job that failed."""
-    total, last = len(grid.unique()), None
-    while not all(job.done() for job in jobs) or any(held_by_live_worker(c) for c in collect(grid)[1]):
-        records, _ = collect(grid)
-        if len(records) != last:
-            last = len(records)
-            announce(f"{len(records)}/{total} runs settled; jobs {', '.join(j.job_id for j in jobs)}")
+    return await_jobs(jobs, announce, progress=lambda: f"{len(collect(grid)[0])}/{len(grid.unique())} runs settled",
+                      busy=lambda: any(held_by_live_worker(c) for c in collect(grid)[1]))
+
+
+def await_jobs(jobs: list, announce: Callable[[str], None], progress: Callable[[], str],
+               busy: Callable[[], bool] = lambda: False) -> list[str]:
+    """Wait until the jobs are done and nothing is `busy`, announcing `progress()` when it changes;
+    returns one line per job that failed."""
+    last = None
+    while not all(job.done() for job in jobs) or busy():
+        line = progress()
+        if line != last:
+            last = line
+            announce(f"{line}; jobs {', '.join(j.job_id for j in jobs)}")
         time.sleep(POLL_S)
     failures = []
     for job in jobs:
@@ -484,8 +497,8 @@ def execute(grid: Grid, spec: ExecutorSpec, make_reporter: Callable[[RunConfig],
             tasks = min(spec.workers, len(free)) if spec.workers > 1 else len(free)
             jobs = submit_array(SubmititWorker(), [(grid, i) for i in range(tasks)], folder,
                                 spec.slurm or SlurmOptions(), "slurm" if spec.kind == "slurm" else "local")
-            _write_job_ids(folder, jobs)
-            announce(f"submitted {len(jobs)} task(s): job {_array_id(jobs)}; logs in {folder}; "
+            write_job_ids(folder, jobs)
+            announce(f"submitted {len(jobs)} task(s): job {array_id(jobs)}; logs in {folder}; "
                      f"`optbench status {grid.configs[0].results_dir}` shows where the grid stands")
         else:
             jobs = []
@@ -512,12 +525,12 @@ def _label_of(record: dict[str, Any]) -> str:
     return f"{record['optimizer']} seed {record['config'].get('seed')}"
 
 
-def _array_id(jobs: list) -> str:
+def array_id(jobs: list) -> str:
     ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
     return ", ".join(ids)
 
 
-def _write_job_ids(folder: Path, jobs: list) -> None:
+def write_job_ids(folder: Path, jobs: list) -> None:
     """Job ids for `optbench status` (the records and locks say the rest)."""
     import json
 

@@ -12,11 +12,14 @@ Protocol (README, "A fair contest"):
    epoch; the test split is never loaded into it. Its record lives in RESULTS/tune/trials; the trial's
    user attributes point at it (config hash, record path): the study indexes runs, it stores no
    results of its own. A finished record with the trial's config hash is reused, a checkpoint resumed.
-3. Scale-out. Workers (threads of this process, `--workers N` processes, or `optbench tune` started on
-   other machines with the same `--storage`) share the study. With an RDB storage (SQLite, PostgreSQL)
+3. Scale-out. Workers (this process, `--workers N` processes, the tasks of one submitit job array with
+   `--executor slurm|submitit-local`, or `optbench tune` started on other machines with the same
+   `--storage`) share the study. With an RDB storage (SQLite, PostgreSQL)
    each running trial sends Optuna heartbeats; a trial whose worker died is failed after the grace
    period and re-queued by `RetryHeartbeatStaleTrialCallback` with the same parameters, so its run
-   resumes from its checkpoint. Optuna's journal storage has no heartbeat (see `open_storage`).
+   resumes from its checkpoint. Optuna's journal storage has no heartbeat (see `open_storage`). A trial
+   stopped and checkpointed (Ctrl-C, SIGTERM, a SLURM task's preemption signal) is re-queued at once
+   without spending one of its retries: it failed nothing, and its run resumes where it stopped.
 4. Final runs. Each optimizer's best setting (ties go to the defaults) and its defaults run on the full
    training set with K fresh seeds and are scored on the test split by compare's own planning, running
    and report code; the verdicts come from those.
@@ -42,6 +45,7 @@ from typing import Any, Callable, Iterator
 from optbench.config import RunConfig, resolve_config
 from optbench.optimizers import get_entry
 from optbench.errors import ConfigError, OptbenchError
+from optbench.executors import Checkpointable, ExecutorSpec
 from optbench.search_space import SearchSpace, check_equal_grids, parse_search_space
 from optbench.tune_analysis import Budget, budget_status, best_trial
 
@@ -129,6 +133,16 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message=".*balance properties of Sobol.*")
 
 
+def check_shared_storage(spec: ExecutorSpec, url: str) -> None:
+    """SLURM tasks on several nodes share the study: SQLite's file locking is not safe on a shared (NFS)
+    filesystem, so `--executor slurm` needs a database server or Optuna's journal file, which locks
+    without fcntl. submitit-local runs on one machine and may keep SQLite."""
+    if spec.kind == "slurm" and url.startswith("sqlite"):
+        raise ConfigError("--executor slurm needs a study storage every node can share safely (SQLite on a shared "
+                          "filesystem is not): pass --storage postgresql://USER@HOST:PORT/DB or "
+                          "--storage journal:PATH (a file on the shared filesystem)")
+
+
 def heartbeat_enabled(storage) -> bool:
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
@@ -195,8 +209,10 @@ def trial_config(base: RunConfig, params: dict[str, float]) -> RunConfig:
 
 
 def make_plan(preset: str, optimizers: list[str], overrides: dict[str, Any], space: str, budget: int, seed: int,
-              validation_fraction: float, storage: str | None, heartbeat_s: int = DEFAULT_HEARTBEAT_S) -> TunePlan:
-    """Resolve and check everything before any training: configs, search spaces, budget, storage URL."""
+              validation_fraction: float, storage: str | None, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
+              target_device: str | None = None) -> TunePlan:
+    """Resolve and check everything before any training: configs, search spaces, budget, storage URL.
+    `target_device`: the trials run on other machines (SLURM nodes) with this device (`resolve_runtime`)."""
     from optbench.experiment import resolve_runtime
 
     if space not in SPACES:
@@ -213,7 +229,7 @@ def make_plan(preset: str, optimizers: list[str], overrides: dict[str, Any], spa
     for opt in optimizers:
         base = resolve_runtime(resolve_config(opt, preset, {
             **overrides, "seed": seed, "validation_fraction": validation_fraction, "validation_seed": 0,
-            "memory_probe": False, "results_dir": trials_dir}))
+            "memory_probe": False, "results_dir": trials_dir}), target_device)
         search = load_search_space(opt, base.hparams)
         if space == "grid" and budget > search.grid_size:
             raise ConfigError(f"--trials {budget} exceeds {opt}'s grid of {search.grid_size} points: use at most "
@@ -449,9 +465,10 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
                     study.optimize(objective_for(spec, current), n_trials=1)
                 except BaseException as exc:
                     # Optuna marked the trial FAIL (stopped, or an error such as missing data): re-queue it
-                    # with Optuna's retry callback, so the slot is not lost and its run resumes later.
+                    # (`retry`; a stop spends no retry), so the slot is not lost and its run resumes later.
                     if "number" in current:
-                        retry(study, next(t for t in study.get_trials(deepcopy=False) if t.number == current["number"]))
+                        retry(study, next(t for t in study.get_trials(deepcopy=False) if t.number == current["number"]),
+                              counted=not isinstance(exc, TrialInterrupted))
                     if isinstance(exc, TrialInterrupted):
                         done_here["interrupted"] = True
                         return done_here
@@ -469,13 +486,21 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
             time.sleep(min(1.0, plan.heartbeat_s / 2))  # others' trials run, or a dead one goes stale
 
 
-def retry(study, trial) -> None:
+def retry(study, trial, counted: bool = True) -> None:
     """Re-queue a FAIL trial as Optuna's heartbeat does for a stale one (same parameters and slot,
-    `retry_history` extended, at most MAX_RETRY times)."""
+    `retry_history` extended, at most MAX_RETRY times). Not `counted`: the trial was stopped and
+    checkpointed, not lost (a SLURM task's time limit may stop a long trial many times); its retry keeps
+    the retry history it had, so stops never use up the retries a failure gets."""
     import optuna
 
-    if trial.state == optuna.trial.TrialState.FAIL:
+    if trial.state != optuna.trial.TrialState.FAIL:
+        return
+    if counted:
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+        return
+    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
+                                        distributions=trial.distributions, user_attrs=trial.user_attrs,
+                                        system_attrs={**trial.system_attrs, "failed_trial": trial.number}))
 
 
 def _lost_retries(study, budget: int) -> list:
@@ -493,6 +518,46 @@ def _spawned_worker(plan: TunePlan, name: str, threads: int | None, visible_devi
     """A `--workers` process: tune_worker, exit code 130 if its trial was interrupted."""
     result = tune_worker(plan, name, threads, visible_devices, quiet)
     raise SystemExit(130 if result["interrupted"] else 0)
+
+
+class SubmititTuneWorker(Checkpointable):
+    """One array task: `tune_worker` on the shared study. Checkpointable: on submitit's preemption/time-limit
+    signal the trial's run stops after its step and saves its checkpoint, the trial is re-queued
+    (`retry`, not counted), and only then does submitit requeue this task, which takes it up again."""
+
+    def __call__(self, plan: TunePlan, index: int) -> dict[str, Any]:
+        from optbench.executors import requeue_if_preempted, start_submitit_task
+
+        result = tune_worker(plan, start_submitit_task())
+        if result["interrupted"]:
+            requeue_if_preempted()
+        return result
+
+
+def run_array(plan: TunePlan, spec: ExecutorSpec, storage, announce: Callable[[str], None]) -> None:
+    """The trials as one submitit job array (one task per trial to do, or --workers tasks), then wait."""
+    from optbench.executors import SlurmOptions, array_id, await_jobs, submit_array, write_job_ids
+
+    def settled() -> int:
+        return sum(len(budget.settled) for budget, _ in study_status(plan, storage).values())
+
+    total = len(plan.studies) * plan.budget
+    todo = total - settled()
+    if not todo:
+        return
+    folder = plan.tune_dir / "slurm"
+    tasks = min(spec.workers, todo) if spec.workers > 1 else todo
+    jobs = submit_array(SubmititTuneWorker(), [(plan, i) for i in range(tasks)], folder, spec.slurm or SlurmOptions(),
+                        "slurm" if spec.kind == "slurm" else "local")
+    write_job_ids(folder, jobs)
+    announce(f"submitted {len(jobs)} task(s) for {todo} trial(s): job {array_id(jobs)}; logs in {folder}")
+    try:
+        for line in await_jobs(jobs, announce, progress=lambda: f"{settled()}/{total} trials settled"):
+            announce(line)
+    except KeyboardInterrupt:
+        announce("stopped waiting; the jobs go on, and this command run again waits for the study, then runs the "
+                 "final runs (it submits tasks only for trials not settled)")
+        raise
 
 
 def run_workers(plan: TunePlan, workers: int, quiet: bool = False) -> list[int]:
@@ -533,29 +598,37 @@ def final_seeds(tune_seed: int, count: int, preferred: list[int] | None = None) 
     return out
 
 
-def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Callable[[RunConfig], Any],
+def run_tune(plan: TunePlan, spec: ExecutorSpec, final_count: int, make_reporter: Callable[[RunConfig], Any],
              announce: Callable[[str], None], quiet: bool = False, preferred_seeds: list[int] | None = None
              ) -> TuneOutcome:
-    """Plan, run the trials (this process or `workers` processes), then the final runs."""
+    """Plan, run the trials with the executor (this process, --workers processes, or a submitit job array),
+    then the final runs with the same executor. With submitit nothing trains here (a login node)."""
     from optbench.compare import plan_runs
 
+    spec.check()
+    check_shared_storage(spec, plan.storage)
     storage = open_storage(plan.storage, plan.heartbeat_s)
     prepare_studies(plan, storage)
     announce(f"tuning {', '.join(plan.optimizers)}: {plan.budget} trials each ({plan.space}; slot 1 is the defaults), "
              f"validation split {plan.validation_fraction:.0%} of the training set, study storage {_redact(plan.storage)}")
     interrupted = False
-    if workers > 1:
-        codes = run_workers(plan, workers, quiet)
+    if spec.kind != "local":
+        run_array(plan, spec, storage, announce)
+    elif spec.workers > 1:
+        codes = run_workers(plan, spec.workers, quiet)
         interrupted = any(c == 130 for c in codes)
         if any(c not in (0, 130) for c in codes):
             announce(f"worker exit codes {codes}: finishing the study in this process")
-    if not interrupted:  # also finishes what killed --workers processes left (their trials are retried)
+    if not interrupted and spec.kind == "local":  # also finishes what killed --workers processes left
         interrupted = tune_worker(plan, f"{worker_name()}", quiet=quiet)["interrupted"]
     status = study_status(plan, storage)
     outcome = TuneOutcome(plan, status, interrupted=interrupted)
     if interrupted:
         return outcome
     unfinished = [opt for opt, (budget, _) in status.items() if not budget.done]
+    if unfinished and spec.kind != "local":
+        raise TuneError(f"the studies of {', '.join(unfinished)} are not complete after the jobs ended (see their "
+                        f"logs in {plan.tune_dir / 'slurm'}); run this command again to resume them")
     if unfinished:
         raise TuneError(f"the studies of {', '.join(unfinished)} are not complete: trials are still running in other "
                         "workers (journal storage has no heartbeat to detect a dead one); run this command again "
@@ -566,19 +639,20 @@ def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Call
     outcome.final_seeds = final_seeds(plan.seed, final_count, preferred_seeds)
 
     def run_final(configs: list[RunConfig]) -> list[dict[str, Any]]:
-        """Final runs go through compare's executor: with --workers N, N processes share them too."""
-        from optbench.executors import ExecutorSpec, Grid, execute
+        """Final runs go through compare's executor, the trials' one: --workers processes or array tasks."""
+        from optbench.executors import Grid, execute
         from optbench.records import utc_now
 
         records, stopped = execute(Grid(tuple(configs), False, utc_now(), plan.track, plan.track_uri),
-                                   ExecutorSpec("local", workers), make_reporter, announce, quiet)
+                                   spec, make_reporter, announce, quiet)
         outcome.interrupted = outcome.interrupted or stopped
         return records
     names = list(plan.optimizers)
     final_overrides = {k: v for k, v in plan.overrides.items() if k != "seed"}
+    where = {"elsewhere": spec.kind == "slurm", "target_device": spec.target_device(plan.overrides.get("device"))}
     # The defaults on the full training set are compare's own runs (same directory: each reuses the other's).
     announce(f"final runs, seeds {', '.join(map(str, outcome.final_seeds))}: the defaults")
-    outcome.default_records = run_final(plan_runs(plan.preset, names, outcome.final_seeds, final_overrides))
+    outcome.default_records = run_final(plan_runs(plan.preset, names, outcome.final_seeds, final_overrides, **where))
     if outcome.interrupted:  # stopped (Ctrl-C, SIGTERM): the same command resumes from here
         return outcome
     announce("final runs: the tuned settings")
@@ -587,7 +661,7 @@ def run_tune(plan: TunePlan, workers: int, final_count: int, make_reporter: Call
     kept = [opt for opt in names if outcome.chosen[opt] == {s.optimizer: s.defaults for s in plan.studies}[opt]]
     changed = [opt for opt in names if opt not in kept]
     tuned_overrides = {**final_overrides, "results_dir": str(plan.tune_dir / f"final-{plan.tag}")}
-    configs = (plan_runs(plan.preset, changed, outcome.final_seeds, tuned_overrides, outcome.chosen)
-               + plan_runs(plan.preset, kept, outcome.final_seeds, final_overrides))
+    configs = (plan_runs(plan.preset, changed, outcome.final_seeds, tuned_overrides, outcome.chosen, **where)
+               + plan_runs(plan.preset, kept, outcome.final_seeds, final_overrides, **where))
     outcome.tuned_records = run_final(configs)
     return outcome

@@ -353,3 +353,64 @@ def test_journal_file_storage_holds_the_study(tmp_path: Path):
     plan = plan_for(tmp_path / "results", optimizers=("adamw",), trials=2, epochs=1, storage=f"journal:{journal}")
     trials = studies(plan)["adamw"]
     assert sorted(t["slot"] for t in trials if t["state"] == "COMPLETE") == [0, 1]
+
+
+# --- tune through submitit: one job array of tune_worker tasks, then the final runs as tasks too ------------
+
+
+def test_tune_through_submitits_local_executor_survives_preemption(tmp_path: Path):
+    """The trials go to submitit's LocalExecutor (SLURM's submission, signal and requeue machinery, as local
+    processes); one task gets the preemption signal (USR2) mid-trial: the trial's run saves its checkpoint,
+    the trial is re-queued without spending a retry, submitit requeues the task, and the run resumes.
+    Every study ends with exactly its budget and the final runs go through the same executor."""
+    from optbench.checkpoints import read_lock
+
+    results = tmp_path / "results"
+    args = [sys.executable, "-m", "optbench.cli", "tune", *WORKLOAD, "--optimizers", "adamw,lion", "--trials", "2",
+            "--final-seeds", "1", "--epochs", "3", "--executor", "submitit-local", "--workers", "2",
+            "--results-dir", str(results)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    plan = plan_for(results, trials=2, epochs=3)
+    deadline, preempted = time.time() + 120, None
+    while preempted is None and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for ckpt in (plan.trials_dir / "checkpoints").glob("*.pt"):
+            owner = read_lock(ckpt.with_suffix(".lock"))
+            if owner and isinstance(owner.get("pid"), int) and owner["pid"] != proc.pid:
+                os.kill(owner["pid"], signal.SIGUSR2)
+                preempted = ckpt.stem
+                break
+        time.sleep(0.1)
+    assert preempted, "no trial wrote a checkpoint in time"
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "What tuning did" in out and "submitted 2 task(s) for 4 trial(s)" in out + err
+    by_opt = studies(plan)
+    trial_records = {r["config_hash"]: r for r in load_records(plan.trials_dir).records if r["status"] == "ok"}
+    for opt, trials in by_opt.items():
+        completed = [t for t in trials if t["state"] == "COMPLETE"]
+        assert sorted(t["slot"] for t in completed) == [0, 1], trials  # exactly the budget
+        assert all(t["config_hash"] in trial_records and t["worker"].split("@")[0].isdigit() for t in completed)
+    stopped = [t for trials in by_opt.values() for t in trials if t["state"] == "FAIL"]
+    assert [t["config_hash"] for t in stopped] == [preempted] and stopped[0]["status"] == "interrupted"
+    again = next(t for trials in by_opt.values() for t in trials
+                 if t["state"] == "COMPLETE" and t["config_hash"] == preempted)
+    assert again["retry_history"] == []  # a stop is not a failure: no retry spent
+    assert trial_records[preempted]["resumed"] is True  # continued from its checkpoint
+    logs = "".join(p.read_text() for p in (plan.tune_dir / "slurm").glob("*_log.*"))
+    assert "Requeued job" in logs  # submitit's own requeue
+    jobs = json.loads((results / "slurm" / "jobs.json").read_text())  # the final runs: array tasks as well
+    assert jobs and all(r["config"]["seed"] == 0 for r in load_records(results).records)
+
+
+def test_tune_on_slurm_needs_a_shared_storage_and_says_when_there_is_no_slurm(tmp_path: Path):
+    runner = CliRunner()
+    base = ["tune", *WORKLOAD, "--epochs", "1", "--trials", "2", "--executor", "slurm", "--results-dir",
+            str(tmp_path / "r")]
+    result = runner.invoke(app, base)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--executor slurm needs a study storage" in result.output and "journal:PATH" in result.output
+    assert not (tmp_path / "r" / "tune" / "optuna.sqlite3").exists()  # nothing made before the check
+    result = runner.invoke(app, [*base, "--storage", f"journal:{tmp_path / 'journal.log'}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "no SLURM here" in result.output and "--executor submitit-local" in result.output
