@@ -120,7 +120,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, entry: Optim
     """Train for `epochs` (continuing from `resume`), evaluating after each epoch.
 
     `checkpoint(result)` is called after each epoch's evaluation (Schedule-Free then in eval mode, as the
-    next epoch starts from) and when a stop is requested (then in train mode, as the next step needs); `stop_requested()` is polled once per step (a Python flag, no device sync).
+    next epoch starts from) and when a stop is requested (then in train mode, as the next step needs);
+    `stop_requested()` is polled once per step (a Python flag, no device sync).
     `eager_model`: the uncompiled module when `model` is torch.compile'd; Hessian steps use it, since
     compiled graphs cannot be differentiated twice. `diagnostics`: measured on log-point steps, sent
     to `reporter.log_point` and averaged per epoch into the history row's "diagnostics".
