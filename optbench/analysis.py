@@ -282,8 +282,8 @@ def course_warnings(records: list[dict[str, Any]]) -> list[str]:
     """The course's common mistakes the runs' settings make, as each run was warned at its start
     (the record's `warnings`), once per optimizer and text."""
     out: list[str] = []
-    for rec in sorted(records, key=lambda r: optimizer_order(sorted({x["optimizer"] for x in records}))
-                      .index(r["optimizer"])):
+    order = optimizer_order(sorted({r["optimizer"] for r in records}))
+    for rec in sorted(records, key=lambda r: order.index(r["optimizer"])):
         for text in rec.get("warnings") or []:
             if isinstance(text, str) and text not in out:
                 out.append(text)

@@ -71,12 +71,17 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
             pass
 
 
+def checkpoint_refused(path: Path, what: str) -> CheckpointError:
+    """The one message for a checkpoint that is not used: what is wrong with it, and what to do."""
+    return CheckpointError(f"checkpoint {path} {what}: it was not used; delete it to start this run afresh")
+
+
 def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
     """Load a checkpoint for the run `config_hash`: refuses unreadable files, payloads that do not match
     their digest, other runs' checkpoints and payloads missing a part. What the parts hold is checked
     against the run by `check_checkpoint`, before any of it is loaded into the model or optimizer."""
     def refuse(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path} {what}: it was not used; delete it to start this run afresh")
+        return checkpoint_refused(path, what)
 
     try:
         document = path.read_bytes()
@@ -113,7 +118,7 @@ def check_checkpoint(path: Path, payload: dict[str, Any], *, optimizer_name: str
     """Refuse a checkpoint whose parts are not this run's: another optimizer, another model shape, an
     optimizer state laid out for another optimizer, or progress outside the planned run."""
     def refuse(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path} {what}: it was not used; delete it to start this run afresh")
+        return checkpoint_refused(path, what)
 
     if payload["optimizer_name"] != optimizer_name:
         raise refuse(f"holds a {payload['optimizer_name']!r} run, this run is {optimizer_name!r}")

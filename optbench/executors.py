@@ -130,6 +130,7 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
     """
     if visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
+    from optbench.compare import data_key
     from optbench.console import RichReporter, console
     from optbench.data import load_dataset
     from optbench.experiment import RunBusy, run_experiment
@@ -149,7 +150,7 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
             return done
         progressed = False
         for config in pending:
-            key = (config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+            key = data_key(config)
             if key not in datasets:
                 datasets[key] = load_dataset(*key)
 

@@ -18,7 +18,7 @@ import torch
 from optbench import __version__
 from optbench.config import RunConfig, resolved_warmup_steps, with_runtime
 from optbench.checkpoints import (CheckpointError, RunLock, acquire_run_lock, capture_rng, check_checkpoint,
-                                  checkpoint_path, load_checkpoint, restore_rng, save_checkpoint)
+                                  checkpoint_path, checkpoint_refused, load_checkpoint, restore_rng, save_checkpoint)
 from optbench.data import SPECS, ImageData, holdout_validation, load_dataset, steps_per_epoch, train_batches
 from optbench.diagnostics import StepDiagnostics
 from optbench.errors import ConfigError, DeviceError, OptbenchError, RecordError
@@ -423,9 +423,8 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                 scheduler.load_state_dict(saved["scheduler"])
             restore_rng(saved["rng"], device)
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:  # what the checks above cannot see
-            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run ({exc.__class__.__name__}: "
-                                  f"{(str(exc).splitlines() or [''])[0][:200]}): it was not used; delete it to start "
-                                  "this run afresh") from None
+            raise checkpoint_refused(ckpt_path, f"does not fit this run ({exc.__class__.__name__}: "
+                                     f"{(str(exc).splitlines() or [''])[0][:200]})") from None
         progress = TrainResult(**saved["progress"])
         progress.status, progress.detail = "ok", ""
         earlier_wall = saved.get("wall_time_s", 0.0)
@@ -556,7 +555,7 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
         "lr_schedule": "warmup+cosine (external)" if entry.external_schedule else "none (built-in warmup)",
         # BatchNorm statistics recomputed at the evaluated weights before each evaluation, over this many
         # training batches (Schedule-Free's warm-up), or None: evaluated with the statistics training left.
-        "bn_warmup_batches": (min(BN_WARMUP_BATCHES, steps_per_epoch(data.train_x.shape[0], config.batch_size))
+        "bn_warmup_batches": (min(BN_WARMUP_BATCHES, epoch_steps)
                               if recompute_bn is not None else None),
         "optimizer_implementation": built.implementation,
         "dataset": {"name": data.spec.name, "title": data.spec.title, "train_images": int(data.train_x.shape[0]),

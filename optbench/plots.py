@@ -34,16 +34,10 @@ def _series(runs: list[dict[str, Any]], x_key: str, y_key: str, length: int) -> 
     return xs, (ys * 100 if y_key == "test_acc" else ys)
 
 
-def timing_disturbed(record: dict[str, Any]) -> list[str]:
-    """Why a run's timing was disturbed (a busy machine): the analysis' own reading of the record's `timing`
-    block (optbench/timing.py, as the tables mark it); [] for an undisturbed run or a record without it."""
-    return record_disturbance(record)
-
-
 def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Test accuracy and train loss per epoch and against training wall-time; seed bands (min-max).
 
-    Runs whose timing was disturbed (`timing_disturbed`) are drawn again on the wall-time panels as red
+    Runs whose timing was disturbed (`timing.record_disturbance`, as the tables mark them) are drawn again on the wall-time panels as red
     crosses, and a line under the title names them: their time axis does not stand."""
     groups = _by_optimizer(records)
     if not groups:
@@ -67,7 +61,7 @@ def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Pa
                 xs, ys = _series([rec], x_key, y_key, len(rec["history"]))
                 ax.plot(xs[0], ys[0], "--", color=color, marker="x", markersize=4,
                         label=f"{title_of(opt)} diverged" if i == 0 and not finished else None)
-    disturbed = [r for runs in groups.values() for r in runs if timing_disturbed(r)]
+    disturbed = [r for runs in groups.values() for r in runs if record_disturbance(r)]
     for i, rec in enumerate(disturbed):  # the time panels only: epochs and accuracies stand regardless
         for x_key, y_key, ax in panels[2:]:
             xs, ys = _series([rec], x_key, y_key, len(rec["history"]))
@@ -98,7 +92,7 @@ def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Pa
     return path
 
 
-def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+def memory_chart(records: list[dict[str, Any]], path: Path, title: str, table=None) -> Path | None:
     """Stacked bars of each optimizer's measured step peak, split into what MemTracker attributed.
 
     Sophia gets two bars: its plain step and its Hessian step (which sets its peak). Where a CUDA
@@ -106,7 +100,7 @@ def memory_chart(records: list[dict[str, Any]], path: Path, title: str) -> Path 
     optimizer's peak saving against AdamW (the comparison table's, from the records' peaks) is written
     beside its bar, and a dashed line marks the course's target: 30% below AdamW's peak.
     """
-    table = summary_table(records)
+    table = summary_table(records) if table is None else table  # the report passes the one it built
     savings = dict(zip(table.optimizer, table.peak_saving)) if "peak_saving" in table else {}
     base_peak = next(iter(table.loc[table.optimizer == BASELINE, "peak_mean"]), None) if len(table) else None
     bars: list[tuple[str, dict[str, float], float | None]] = []

@@ -104,7 +104,7 @@ def _write_files(report: Report, records: list[dict[str, Any]], out_dir: Path, t
         from optbench.plots import learning_curves, memory_chart
 
         for path in (learning_curves(records, out_dir / f"{stem}-curves.png", title),
-                     memory_chart(records, out_dir / f"{stem}-memory.png", title)):
+                     memory_chart(records, out_dir / f"{stem}-memory.png", title, report.table)):
             if path is not None:
                 report.files.append(path)
         if diagnostics:

@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 import warnings
 from contextlib import contextmanager
@@ -45,7 +44,7 @@ from typing import Any, Callable, Iterator
 from optbench.config import RunConfig, resolve_config
 from optbench.optimizers import get_entry
 from optbench.errors import ConfigError, OptbenchError
-from optbench.executors import Checkpointable, ExecutorSpec
+from optbench.executors import Checkpointable, ExecutorSpec, worker_name
 from optbench.search_space import SearchSpace, check_equal_grids, parse_search_space
 from optbench.tune_analysis import Budget, budget_status, best_trial
 
@@ -340,10 +339,6 @@ def study_status(plan: TunePlan, storage) -> dict[str, tuple[Budget, list[dict[s
 # --- the worker ------------------------------------------------------------------------------------
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _run_trial_run(config: RunConfig, data, say: Callable[[str], None], track: tuple[str, ...] = (),
                    track_uri: str | None = None) -> tuple[dict[str, Any], Path]:
     """The trial's run: its finished record if there is one, else the run (resumed from its checkpoint).
@@ -384,6 +379,7 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
     import optuna
     import torch
 
+    from optbench.compare import data_key
     from optbench.console import console
     from optbench.data import load_dataset
 
@@ -425,7 +421,7 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
             config = trial_config(spec.base, params)
             trial.set_user_attr("config_hash", config.config_hash)
             trial.set_user_attr("worker", name)
-            key = (config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
+            key = data_key(config)
             if key not in datasets:
                 datasets[key] = load_dataset(*key)
             started = time.perf_counter()
@@ -514,9 +510,9 @@ def _lost_retries(study, budget: int) -> list:
             and len(t.system_attrs.get("retry_history", [])) + 1 <= MAX_RETRY]
 
 
-def _spawned_worker(plan: TunePlan, name: str, threads: int | None, visible_devices: str | None, quiet: bool) -> None:
+def _spawned_worker(plan: TunePlan, name: str, visible_devices: str | None, quiet: bool) -> None:
     """A `--workers` process: tune_worker, exit code 130 if its trial was interrupted."""
-    result = tune_worker(plan, name, threads, visible_devices, quiet)
+    result = tune_worker(plan, name, visible_devices=visible_devices, quiet=quiet)
     raise SystemExit(130 if result["interrupted"] else 0)
 
 
@@ -567,7 +563,7 @@ def run_workers(plan: TunePlan, workers: int, quiet: bool = False) -> list[int]:
     from optbench.executors import device_for_worker, gpu_count, spawn_local
 
     gpus = gpu_count()
-    return spawn_local(_spawned_worker, [(plan, f"worker{i}", None, device_for_worker(i, gpus), quiet)
+    return spawn_local(_spawned_worker, [(plan, f"worker{i}", device_for_worker(i, gpus), quiet)
                                          for i in range(workers)], "tune")
 
 
@@ -620,7 +616,7 @@ def run_tune(plan: TunePlan, spec: ExecutorSpec, final_count: int, make_reporter
         if any(c not in (0, 130) for c in codes):
             announce(f"worker exit codes {codes}: finishing the study in this process")
     if not interrupted and spec.kind == "local":  # also finishes what killed --workers processes left
-        interrupted = tune_worker(plan, f"{worker_name()}", quiet=quiet)["interrupted"]
+        interrupted = tune_worker(plan, worker_name(), quiet=quiet)["interrupted"]
     status = study_status(plan, storage)
     outcome = TuneOutcome(plan, status, interrupted=interrupted)
     if interrupted:

@@ -177,7 +177,8 @@ def test_the_memory_figure_shows_each_saving_in_percent_and_the_30_percent_line(
 
 
 def test_the_curves_figure_marks_disturbed_timings(tmp_path, drawn):
-    from optbench.plots import learning_curves, timing_disturbed
+    from optbench.plots import learning_curves
+    from optbench.timing import record_disturbance as timing_disturbed  # what the figure marks by
 
     records = four()
     assert timing_disturbed(records[1]) == []  # a record without the flag (or before it existed)
