@@ -64,7 +64,7 @@ def wait_for_checkpoint_holder(results: Path, proc: subprocess.Popen, timeout: f
             owner = read_lock(ckpt.with_suffix(".lock"))
             if owner and isinstance(owner.get("pid"), int):
                 return owner["pid"], ckpt.stem
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError("no run wrote a checkpoint in time")
 
 
@@ -85,10 +85,15 @@ def test_workers_train_every_run_once_with_the_serial_weights(tmp_path: Path):
 
 def test_a_sigkilled_worker_costs_only_its_run_which_resumes(tmp_path: Path):
     results = tmp_path / "r"
-    proc = compare(results, "--optimizers", "adamw,lion", "--seeds", "0", "--epochs", "3", "--workers", "2",
+    # Ten short epochs: the first checkpoint seen is an early epoch's, with most of the run still to go.
+    proc = compare(results, "--optimizers", "adamw,lion", "--seeds", "0", "--epochs", "10", "--workers", "2",
                    wait=False)
     pid, killed_hash = wait_for_checkpoint_holder(results, proc)
     assert pid != proc.pid
+    # Frozen while `status` looks (it takes seconds to start, longer than this tiny run has left): the worker
+    # can neither finish its run nor let go of the lock before it is killed.
+    os.kill(pid, signal.SIGSTOP)
+    assert killed_hash not in {r["config_hash"] for r in records(results)}, "the run finished before it was stopped"
     shown = status(results)
     assert any(killed_hash in line and "running" in line and f"pid {pid}" in line for line in shown.splitlines()), shown
     os.kill(pid, signal.SIGKILL)
@@ -107,14 +112,17 @@ def test_compare_through_submitits_local_executor_survives_preemption(tmp_path: 
     the run stops after its step, saves its checkpoint, submitit requeues the task, and the run resumes to
     the same weights as an uninterrupted run."""
     results = tmp_path / "r"
-    grid = ["--optimizers", "adamw,lion", "--seeds", "0", "--epochs", "3"]
+    grid = ["--optimizers", "adamw,lion", "--seeds", "0", "--epochs", "10"]  # the signal arrives early in the run
     proc = compare(results, *grid, "--executor", "submitit-local", "--workers", "2", wait=False)
     pid, preempted = wait_for_checkpoint_holder(results, proc)
+    os.kill(pid, signal.SIGSTOP)  # frozen while `status` looks, so the tiny run cannot finish before the signal
+    assert preempted not in {r["config_hash"] for r in records(results)}, "the run finished before it was stopped"
     shown = status(results)
     jobs = json.loads((results / "slurm" / "jobs.json").read_text())[0]["jobs"]
     assert len(jobs) == 2 and f"SLURM jobs submitted: {', '.join(jobs)}" in shown
     assert any(preempted in line and "running" in line and "job " in line for line in shown.splitlines()), shown
-    os.kill(pid, signal.SIGUSR2)
+    os.kill(pid, signal.SIGUSR2)  # pending while the task is stopped, delivered when it continues
+    os.kill(pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     done = ok_once(results)
