@@ -35,6 +35,12 @@ the two sides of a comparison alternate, A B A B ..., and the median and min-max
           run); a cold optbench run is printed too. Each pair alternates which side runs first. Besides
           wall time, each process's CPU time (user + system, from getrusage) is printed: on a shared
           machine it moves much less with the load than wall time does.
+  ceiling what the training itself leaves to gain: one smoke training step (optbench's model, registry optimizer
+          and training_step, one thread) under torch.profiler, its CPU time split into matrix products
+          (aten::mm, addmm, bmm, baddbmm: the same kernels in both programs) and the rest; the matrix products'
+          rate against a large square product's on this core. With the timm section's figures it prints the
+          whole-process ratio optbench would reach if everything of its training but the matrix products
+          cost nothing: a floor no implementation of the same model reaches.
 
 timm's train.py is not in the timm wheel nor in its source distribution on PyPI (timm-1.0.31.tar.gz holds
 only the package): pass --timm-train with a copy of train.py from github.com/huggingface/pytorch-image-models
@@ -57,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("imports", "dryrun", "setup", "inproc", "compare", "timm")
+SECTIONS = ("imports", "dryrun", "setup", "inproc", "compare", "timm", "ceiling")
 
 
 def env_for(src: Path) -> dict[str, str]:
@@ -272,6 +278,81 @@ def bench_timm(src: Path, train_py: Path, pairs: int, out: dict[str, Any]) -> No
         shutil.rmtree(work, ignore_errors=True)
 
 
+CEILING_STEP = '''
+import json, time, torch
+from torch.profiler import profile, ProfilerActivity
+torch.set_num_threads(1)
+from optbench.config import resolve_config, resolved_warmup_steps
+from optbench.data import load_dataset, steps_per_epoch, train_batches
+from optbench.models import build_model
+from optbench.optimizers import BuildContext, get_entry
+from optbench.train import autocast_for, training_step
+config = resolve_config("adamw", "smoke")
+data = load_dataset(config.dataset, DATA_DIR)
+model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth)
+total = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
+entry = get_entry(config.optimizer)
+optimizer = entry.make(model, config.hparams, BuildContext(device_type="cpu", total_steps=total,
+                       warmup_steps=resolved_warmup_steps(config.warmup_steps, total))).optimizer
+amp = autocast_for(torch.device("cpu"), config.precision)
+batches = list(train_batches(data, config.batch_size, config.seed, 1, config.augment))
+model.train()
+def steps(n):
+    for i in range(n):
+        x, y = batches[i % len(batches)]
+        training_step(model, optimizer, entry, x, y, amp, False)
+steps(10)
+start = time.process_time(); steps(40); plain = (time.process_time() - start) / 40
+with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    steps(40)
+gemm = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+events = prof.key_averages()
+total_us = sum(e.self_cpu_time_total for e in events)
+gemm_us = sum(e.self_cpu_time_total for e in events if e.key in gemm)
+gemm_flops = sum(e.flops for e in events if e.key in gemm)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+for _ in range(3): a @ b
+start = time.perf_counter(); [a @ b for _ in range(20)]; square = 2 * 1024 ** 3 * 20 / (time.perf_counter() - start)
+print(json.dumps({"step_cpu_s": plain, "steps": total, "gemm_share": gemm_us / total_us, "square_gflops": square / 1e9, "gemm_gflops": gemm_flops / gemm_us / 1e3,
+                  "top": [(e.key, e.self_cpu_time_total / total_us) for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]]}))
+'''
+
+
+def bench_ceiling(src: Path, pairs: int, out: dict[str, Any]) -> None:
+    """The share of a training step's CPU time spent in matrix products, and the floor it puts on the
+    whole-process ratio against timm's train.py (see the module docstring)."""
+    shares, steps = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        script = CEILING_STEP.replace("DATA_DIR", repr(str(Path(tmp) / "data")))
+        for _ in range(pairs):
+            _, _, stdout = timed_cpu([sys.executable, "-c", script], env_for(src), Path(tmp))
+            row = json.loads(stdout.strip().splitlines()[-1])
+            shares.append(row["gemm_share"])
+            steps.append(row["step_cpu_s"])
+    print(f"ceiling smoke training step, CPU ms: {stats([1000 * s for s in steps])}")
+    print(f"ceiling share of the step's CPU time in matrix products (mm/addmm/bmm/baddbmm): {stats(shares)}")
+    print("ceiling the step's largest operators (share of its CPU time): "
+          + ", ".join(f"{name} {share:.1%}" for name, share in row["top"]))
+    print(f"ceiling the step's matrix products run at {row['gemm_gflops']:.0f} GFLOP/s; a 1024^2 fp32 product on this "
+          f"core at {row['square_gflops']:.0f} GFLOP/s")
+    result = {"step_cpu_s": steps, "gemm_share": shares, "square_gflops": row["square_gflops"],
+              "gemm_gflops": row["gemm_gflops"]}
+    timm = out.get("timm")
+    if timm:
+        # Whole process = imports and set-up + training; the floor removes everything of the training but its
+        # matrix products, which timm's train.py runs with the same kernels on the same shapes.
+        share = statistics.median(shares)
+        run_steps = row["steps"]
+        train_cpu = run_steps * statistics.median(steps)
+        floor_cpu = statistics.median(timm["optbench_cpu"]) - (1 - share) * train_cpu
+        floor = floor_cpu / statistics.median(timm["timm_cpu"])
+        print(f"ceiling floor of optbench / timm train.py (CPU time) if all of optbench's training but its matrix "
+              f"products were free: {floor:.2f}x (optbench {statistics.median(timm['optbench_cpu']):.1f} s CPU, of which "
+              f"training ~{train_cpu:.1f} s over {run_steps} steps; timm {statistics.median(timm['timm_cpu']):.1f} s)")
+        result["floor_cpu_ratio"] = floor
+    out["ceiling"] = result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default=",".join(SECTIONS))
@@ -299,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             print("timm: SKIPPED: pass --timm-train PATH/train.py (not shipped in timm's wheel or sdist)")
         else:
             bench_timm(ROOT, args.timm_train, args.pairs, out)
+    if "ceiling" in sections:
+        bench_ceiling(ROOT, args.pairs, out)
     out["load_average_end"] = os.getloadavg()
     print(load_note().replace("at start", "at end"))
     if args.json:
