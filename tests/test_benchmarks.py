@@ -35,3 +35,20 @@ def test_quick_benchmark_prints_each_ratio_with_target():
     assert "versions: " in summary and "torch " in summary
     if not have_lightning:
         assert re.search(r"\[4\] End to end against PyTorch Lightning: SKIPPED: lightning is not importable", out)
+
+
+def test_setup_cost_imports_and_ceiling_sections_print_their_figures():
+    """benchmarks/setup_cost.py (issue 17) keeps working on the real model and registry: the import anatomy
+    and the ceiling (a smoke step's share in matrix products, their rate) print figures that are possible."""
+    script = SCRIPT.parent / "setup_cost.py"
+    proc = subprocess.run([sys.executable, str(script), "--sections", "imports,ceiling", "--pairs", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=SCRIPT.parent.parent,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = proc.stdout
+    assert proc.returncode == 0, f"benchmarks/setup_cost.py failed:\n{out[-3000:]}\n{proc.stderr[-3000:]}"
+    assert re.search(r"^imports torch s: median \d+\.\d+", out, re.M), out
+    share = re.search(r"^ceiling share of the step's CPU time in matrix products .+: median (\d+\.\d+)", out, re.M)
+    assert share and 0.0 < float(share.group(1)) <= 1.0, out
+    rates = re.search(r"matrix products run at (\d+) GFLOP/s; a 1024\^2 fp32 product on this core at (\d+) GFLOP/s", out)
+    assert rates and int(rates.group(1)) > 0 and int(rates.group(2)) > 0, out
+    assert "aten::mm" in out  # the step's largest operators are named
