@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from statistics import mean, stdev
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -455,30 +455,47 @@ def _not_finished_line(opt: str, runs: list[dict[str, Any]], vals: list[float], 
     return f"{opt}: no run finished ({statuses}) -> does not match"
 
 
-def literal_accuracy_criterion(records: list[dict[str, Any]]) -> Verdict:
-    """The course's rule as written: a modern optimizer "equals or beats" AdamW when its mean final
-    accuracy over finished seeds is >= AdamW's mean (no margin, no statistics). A seed that did not
-    finish counts against the optimizer."""
-    name = f"{ACCURACY_NAME} (the course's rule as written)"
+@dataclass(frozen=True)
+class AccuracyReading:
+    """One reading of the accuracy criterion: what it calls a match, and its words. Everything else (the
+    baseline, a seed that did not finish counting against its optimizer, the single-seed label, the
+    summary's shape) is shared by `_accuracy_verdict`."""
+
+    name: str
+    key: str  # what --strict --rule selects
+    rule: str  # the first detail line
+    # (a finished optimizer's seeds, AdamW's) -> (it matches, its sample in words, more after the
+    # difference, more figures)
+    judge: Callable[[list[float], list[float]], tuple[bool, str, str, dict[str, Any]]]
+    outcome: tuple[str, str]  # a finished optimizer's line ends with one: (matches, does not)
+    passed: str  # summary when one matches; {} takes their names
+    failed: str  # summary when none does
+    figures: dict[str, Any] = field(default_factory=dict)  # besides AdamW's mean
+
+
+def _accuracy_verdict(records: list[dict[str, Any]], reading: AccuracyReading) -> Verdict:
+    """Each modern optimizer held against AdamW's mean by `reading`: PASS when at least one matches."""
     base = _finite([r.get("final_test_acc") for r in _ok(records, BASELINE)])
     if not base:
-        return Verdict(name, None, "cannot be checked: no finished AdamW run", key="accuracy_literal")
-    details = ["rule: mean accuracy >= AdamW's mean accuracy"]
-    matched, checked, figures = [], 0, {"adamw_acc_mean": mean(base)}
+        return Verdict(reading.name, None, "cannot be checked: no finished AdamW run", key=reading.key)
+    details = [reading.rule]
+    matched, checked, figures = [], 0, {"adamw_acc_mean": mean(base), **reading.figures}
     for opt in _modern(records):
         runs, vals, failed = _unfinished(records, opt)
         if not runs:
             details.append(f"{opt}: no run")
             continue
         checked += 1
+        diff = mean(vals) - mean(base) if vals else None
         if failed:
             details.append(_not_finished_line(opt, runs, vals, failed))
+            if vals:
+                figures[opt] = {"acc_mean": mean(vals), "diff": diff, "n": len(vals), "failed": failed}
             continue
-        diff = mean(vals) - mean(base)
-        ok = mean(vals) >= mean(base)
-        figures[opt] = {"acc_mean": mean(vals), "diff": diff, "n": len(vals)}
-        details.append(f"{opt}: {100 * mean(vals):.2f}% vs {100 * mean(base):.2f}% (n={len(vals)} vs {len(base)}), "
-                       f"difference {100 * diff:+.2f} pp -> {'equals or beats' if ok else 'below'}")
+        ok, sample, more, extra = reading.judge(vals, base)
+        details.append(f"{opt}: {100 * mean(vals):.2f}% vs {100 * mean(base):.2f}% {sample}, "
+                       f"difference {100 * diff:+.2f} pp{more} -> {reading.outcome[0] if ok else reading.outcome[1]}")
+        figures[opt] = {"acc_mean": mean(vals), "diff": diff, **extra, "n": len(vals)}
         if ok:
             matched.append(opt)
     figures["matched"] = matched
@@ -486,13 +503,29 @@ def literal_accuracy_criterion(records: list[dict[str, Any]]) -> Verdict:
     if qualifier:
         details.append(INDICATIVE)
     if checked == 0:
-        return Verdict(name, None, "cannot be checked: no modern optimizer run", details, figures,
-                       key="accuracy_literal")
+        return Verdict(reading.name, None, "cannot be checked: no modern optimizer run", details, figures,
+                       key=reading.key)
     if matched:
-        return Verdict(name, True, f"{', '.join(matched)}: mean accuracy >= AdamW's", details, figures,
-                       key="accuracy_literal", qualifier=qualifier)
-    return Verdict(name, False, "no modern optimizer's mean accuracy reaches AdamW's", details, figures,
-                   key="accuracy_literal", qualifier=qualifier)
+        return Verdict(reading.name, True, reading.passed.format(", ".join(matched)), details, figures,
+                       key=reading.key, qualifier=qualifier)
+    return Verdict(reading.name, False, reading.failed, details, figures, key=reading.key, qualifier=qualifier)
+
+
+def _seed_counts(vals: list[float], base: list[float]) -> str:
+    return f"(n={len(vals)} vs {len(base)})"
+
+
+def literal_accuracy_criterion(records: list[dict[str, Any]]) -> Verdict:
+    """The course's rule as written: a modern optimizer "equals or beats" AdamW when its mean final
+    accuracy over finished seeds is >= AdamW's mean (no margin, no statistics). A seed that did not
+    finish counts against the optimizer."""
+    def judge(vals: list[float], base: list[float]) -> tuple[bool, str, str, dict[str, Any]]:
+        return mean(vals) >= mean(base), _seed_counts(vals, base), "", {}
+
+    return _accuracy_verdict(records, AccuracyReading(
+        f"{ACCURACY_NAME} (the course's rule as written)", "accuracy_literal",
+        "rule: mean accuracy >= AdamW's mean accuracy", judge, ("equals or beats", "below"),
+        "{}: mean accuracy >= AdamW's", "no modern optimizer's mean accuracy reaches AdamW's"))
 
 
 def _single_seed(records: list[dict[str, Any]]) -> bool:
@@ -510,6 +543,17 @@ def statistical_rule(margin: float) -> str:
             f"mean(modern) - mean(AdamW) is >= -{100 * margin:.1f} pp")
 
 
+def welch_lower_bound(vals: list[float], base: list[float]) -> float:
+    """The one-sided 95% Welch lower confidence bound of mean(vals) - mean(base) (>= 2 values each)."""
+    diff = mean(vals) - mean(base)
+    va, vb = stdev(vals) ** 2 / len(vals), stdev(base) ** 2 / len(base)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff
+    dof = (va + vb) ** 2 / ((va ** 2) / (len(vals) - 1) + (vb ** 2) / (len(base) - 1))
+    return diff - _t_quantile_95(dof) * se
+
+
 def accuracy_criterion(records: list[dict[str, Any]], margin: float = DEFAULT_MARGIN) -> Verdict:
     """optbench's statistical reading of the course's accuracy criterion: non-inferiority within `margin`.
 
@@ -517,61 +561,19 @@ def accuracy_criterion(records: list[dict[str, Any]], margin: float = DEFAULT_MA
     confidence bound of mean(modern) - mean(AdamW) is >= -margin. With one seed on either side there is
     no bound: the point difference is held against the margin and the verdict is labelled indicative.
     """
-    name = f"{ACCURACY_NAME} (statistical reading)"
-    base = _finite([r.get("final_test_acc") for r in _ok(records, BASELINE)])
-    if not base:
-        return Verdict(name, None, "cannot be checked: no finished AdamW run", key="accuracy_statistical")
-    details, matched, figures = [], [], {"adamw_acc_mean": mean(base), "margin": margin}
-    checked = 0
-    for opt in _modern(records):
-        runs, vals, failed = _unfinished(records, opt)
-        if not runs:
-            details.append(f"{opt}: no run")
-            continue
-        checked += 1
-        if failed:
-            details.append(_not_finished_line(opt, runs, vals, failed))
-            if vals:
-                figures[opt] = {"acc_mean": mean(vals), "diff": mean(vals) - mean(base), "n": len(vals),
-                                "failed": failed}
-            continue
-        diff = mean(vals) - mean(base)
+    def judge(vals: list[float], base: list[float]) -> tuple[bool, str, str, dict[str, Any]]:
         if len(vals) >= 2 and len(base) >= 2:
-            va, vb = stdev(vals) ** 2 / len(vals), stdev(base) ** 2 / len(base)
-            se = math.sqrt(va + vb)
-            if se == 0:
-                lower = diff
-            else:
-                dof = (va + vb) ** 2 / ((va ** 2) / (len(vals) - 1) + (vb ** 2) / (len(base) - 1))
-                lower = diff - _t_quantile_95(dof) * se
-            ok = lower >= -margin
-            details.append(f"{opt}: {100 * mean(vals):.2f}% vs {100 * mean(base):.2f}% (n={len(vals)} vs {len(base)}), "
-                           f"difference {100 * diff:+.2f} pp, 95% lower bound {100 * lower:+.2f} pp -> "
-                           f"{'matches' if ok else 'does not match'}")
-            figures[opt] = {"acc_mean": mean(vals), "diff": diff, "lower_bound": lower, "n": len(vals)}
-        else:
-            ok = diff >= -margin
-            details.append(f"{opt}: {100 * mean(vals):.2f}% vs {100 * mean(base):.2f}% (one seed: no bound), "
-                           f"difference {100 * diff:+.2f} pp -> {'matches' if ok else 'does not match'}")
-            figures[opt] = {"acc_mean": mean(vals), "diff": diff, "n": len(vals)}
-        if ok:
-            matched.append(opt)
-    single = _single_seed(records)
-    details.insert(0, "rule: " + statistical_rule(margin)
-                   + ("; with a single seed the point difference is held against the margin (no bound)" if single
-                      else ""))
-    qualifier = "indicative" if single else ""
-    if qualifier:
-        details.append(INDICATIVE)
-    if checked == 0:
-        return Verdict(name, None, "cannot be checked: no modern optimizer run", details, figures,
-                       key="accuracy_statistical")
-    figures["matched"] = matched
-    if matched:
-        return Verdict(name, True, f"{', '.join(matched)} match(es) or beat(s) AdamW", details, figures,
-                       key="accuracy_statistical", qualifier=qualifier)
-    return Verdict(name, False, "no modern optimizer matches AdamW's accuracy", details, figures,
-                   key="accuracy_statistical", qualifier=qualifier)
+            lower = welch_lower_bound(vals, base)
+            return (lower >= -margin, _seed_counts(vals, base), f", 95% lower bound {100 * lower:+.2f} pp",
+                    {"lower_bound": lower})
+        return mean(vals) - mean(base) >= -margin, "(one seed: no bound)", "", {}
+
+    single = ("; with a single seed the point difference is held against the margin (no bound)"
+              if _single_seed(records) else "")
+    return _accuracy_verdict(records, AccuracyReading(
+        f"{ACCURACY_NAME} (statistical reading)", "accuracy_statistical",
+        "rule: " + statistical_rule(margin) + single, judge, ("matches", "does not match"),
+        "{} match(es) or beat(s) AdamW", "no modern optimizer matches AdamW's accuracy", {"margin": margin}))
 
 
 def accuracy_verdicts(records: list[dict[str, Any]], margin: float = DEFAULT_MARGIN) -> tuple[Verdict, Verdict, str | None]:
