@@ -14,6 +14,7 @@ code execution, so an unverified CIFAR file is never unpickled outside tests).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from optbench.errors import DataError
+from optbench.tempfiles import remove_stale, temp_name
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,12 @@ def _fashion_mnist(spec: DatasetSpec, root: Path, download: bool) -> tuple[np.nd
     return (train.data.numpy()[:, None], train.targets.numpy(), test.data.numpy()[:, None], test.targets.numpy())
 
 
+# The only temporaries optbench writes in a data folder: the digits split's, as `_digits` names them now
+# (tempfiles.temp_name: host, pid) and as it did before (.tmp-PID-). Nothing else in a folder the user and
+# torchvision share is optbench's to delete.
+DIGITS_TEMPORARIES = re.compile(r"^\.tmp-(?:[A-Za-z0-9_.]+-\d+-[0-9a-f]{8}|\d+)-digits-split-sklearn-.+\.npz$")
+
+
 def _digits(spec: DatasetSpec, data_dir: str | Path = "data") -> tuple[np.ndarray, ...]:
     """The split below, stored once in DATA_DIR/digits-split-sklearn-VERSION.npz: importing scikit-learn
     costs seconds per process (1.5-7 s here), reading the 140 KB file milliseconds. Same arrays either way;
@@ -137,14 +145,17 @@ def _digits(spec: DatasetSpec, data_dir: str | Path = "data") -> tuple[np.ndarra
     except (OSError, ValueError, KeyError, EOFError):
         pass
     arrays = _digits_split()
+    tmp = stored.with_name(temp_name(f"-{stored.name}"))  # names its writer: see DIGITS_TEMPORARIES
     try:
         stored.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stored.with_name(f".tmp-{os.getpid()}-{stored.name}")
         with open(tmp, "wb") as handle:
             np.savez(handle, **dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays)))
         os.replace(tmp, stored)  # atomic: a concurrent reader sees no file or the whole file
     except OSError:
-        pass
+        try:  # a full disk: the half-written file goes at once
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     return arrays
 
 
@@ -199,6 +210,9 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
         raise DataError(f"unknown dataset '{name}': choose one of {', '.join(SPECS)}")
     spec = SPECS[name]
     root = Path(data_dir)
+    # A writer killed mid-write (kill -9, a preempted job) leaves its temporary: stale ones go now, as the
+    # results folder's do at every run's start (optbench/tempfiles.py).
+    remove_stale(root, names=DIGITS_TEMPORARIES)
     if name in ("cifar10", "cifar100"):
         arrays = _cifar(spec, root, download)
     elif name == "fashion_mnist":

@@ -47,12 +47,15 @@ def is_stale(path: Path, now: float | None = None) -> bool:
         return False
 
 
-def remove_stale(*directories: str | Path) -> list[Path]:
-    """Delete stale temporaries in `directories` (not below them); returns what was removed."""
+def remove_stale(*directories: str | Path, names: re.Pattern[str] | None = None) -> list[Path]:
+    """Delete stale temporaries in `directories` (not below them); returns what was removed. `names`: only
+    those whose name it matches (a folder optbench shares with others, where a `.tmp-` file of another
+    program is not optbench's to judge)."""
     removed = []
     for directory in directories:
         try:
-            candidates = [p for p in Path(directory).iterdir() if p.name.startswith(PREFIXES)]
+            candidates = [p for p in Path(directory).iterdir() if p.name.startswith(PREFIXES)
+                          and (names is None or names.match(p.name))]
         except OSError:
             continue
         for path in candidates:

@@ -58,3 +58,58 @@ def test_a_killed_writers_temporaries_go_and_a_live_ones_stay(tmp_path: Path):
     finally:
         live.kill()
         live.wait()
+
+
+# The digits split as data.py writes it, with np.savez replaced by a writer that prints the temporary's
+# name and then dies mid-write (kill -9) or stays alive (a writer still at work).
+SPLIT_WRITER = """
+import os, sys, time
+import numpy as np
+from optbench.data import load_dataset
+
+def savez(handle, **arrays):
+    handle.write(b"half a split")
+    handle.flush()
+    print(handle.name, flush=True)
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), 9)
+    time.sleep(120)
+
+np.savez = savez
+load_dataset("digits", sys.argv[1])
+"""
+
+
+def test_the_data_folders_own_temporaries_go_and_nothing_else(tmp_path: Path):
+    """A digits split whose writer was killed is removed at the next load; a live writer's, a young one of
+    an older optbench, and files optbench cannot attribute (a user's `.tmp-` file, torchvision's download)
+    stay, however old."""
+    from optbench.data import load_dataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    # The live writer first: a load made after the kill would already remove the killed one's file.
+    live = subprocess.Popen([sys.executable, "-c", SPLIT_WRITER, str(data), "live"], stdout=subprocess.PIPE, text=True)
+    try:
+        live_file = Path(live.stdout.readline().strip())
+        killed = subprocess.run([sys.executable, "-c", SPLIT_WRITER, str(data), "die"], capture_output=True, text=True)
+        assert killed.returncode == -9, killed.stderr
+        dead = Path(killed.stdout.strip())
+        assert dead.parent == data and dead.name.startswith(".tmp-") and "digits-split-sklearn" in dead.name
+        old = time.time() - STALE_AFTER_S - 60
+        old_legacy = data / ".tmp-99999-digits-split-sklearn-0.1.npz"  # an older optbench's name: judged by age
+        young_legacy = data / ".tmp-99998-digits-split-sklearn-0.1.npz"
+        not_ours = [data / ".tmp-notes.txt", data / ".tmp-myhost-1-0123abcd.npz", data / "cifar-10-python.tar.gz"]
+        for path in (old_legacy, young_legacy, *not_ours):
+            path.write_bytes(b"x")
+        for path in (old_legacy, *not_ours):
+            os.utime(path, (old, old))
+        assert all(p.exists() for p in (dead, live_file))
+
+        loaded = load_dataset("digits", data)
+        assert loaded.train_x.shape[0] == 1437
+        assert not dead.exists() and not old_legacy.exists()
+        assert live_file.exists() and young_legacy.exists() and all(p.exists() for p in not_ours)
+    finally:
+        live.kill()
+        live.wait()
