@@ -425,34 +425,70 @@ def _local_time(timestamp: float) -> str:
 
 @app.command()
 def status(
-    results_dir: Path = typer.Argument(..., help="the results folder of a compare (local, workers or SLURM)"),
+    results_dir: Path = typer.Argument(..., help="the results folder of a compare or a tune (local, workers or SLURM)"),
+    storage: Optional[str] = typer.Option(None, help="a tune's Optuna storage, when it was not the default SQLite "
+                                                      "file (e.g. postgresql://... with its password); read only"),
 ) -> None:
-    """Where a grid stands: runs planned / running (host, for how long, job id) / stopped / failed / finished,
-    per optimizer and seed, read from the records, checkpoints and run locks (nothing is trained)."""
-    from collections import Counter
-
+    """Where a grid or a tune stands: runs planned / running (host, for how long, job id) / stopped / failed /
+    finished, per optimizer and seed, read from the records, checkpoints and run locks; for a tune also each
+    study's trials against the budget, read from the study storage (nothing is trained or changed)."""
     from rich.console import Console
     from rich.table import Table
 
-    from optbench.status import STATES, grid_status
+    from optbench.status import grid_status, tune_folder, tune_status
 
+    tune_dir = tune_folder(results_dir)
+    grid_dir = tune_dir.parent if tune_dir is not None and tune_dir.resolve() == results_dir.resolve() else results_dir
     try:
-        runs, jobs = grid_status(results_dir)
+        runs, jobs = grid_status(grid_dir)
+        studies = tune_status(tune_dir, storage) if tune_dir is not None else None
+        finals = [(d, grid_status(d)[0]) for d in sorted(tune_dir.glob("final-*")) if d.is_dir()] if tune_dir else []
+        if tune_dir is not None:
+            jobs += grid_status(tune_dir)[1]  # the trials' job arrays (RESULTS/tune/slurm/jobs.json)
     except OptbenchError as exc:
         fail(str(exc), exc.exit_code)
     out = Console(highlight=False)
-    table = Table(title=f"runs in {results_dir}")
+    if runs or studies is None:
+        _print_runs(out, f"runs in {grid_dir}" + (" (the defaults' final runs)" if studies is not None else ""), runs,
+                    "no runs planned or recorded here")
+    if studies is not None:
+        url, rows = studies
+        table = Table(title=f"tuning studies in {tune_dir} ({url})")
+        for column in ("optimizer", "budget", "complete", "running", "waiting", "failed", "pruned", "detail"):
+            table.add_column(column)
+        for s in rows:
+            detail = [f"{s.scored_zero} scored 0 (diverged, oom or failed run)" if s.scored_zero else "",
+                      f"{s.lost} lost (worker gone): the next tune re-queues it" if s.lost else "",
+                      f"{s.retrying} to be retried" if s.retrying else "",
+                      f"{s.retries} retries spent" if s.retries else ""]
+            table.add_row(s.optimizer, str(s.budget), f"{s.complete}/{s.budget}", str(s.running), str(s.waiting),
+                          str(s.failed), str(s.pruned), "; ".join(d for d in detail if d))
+        out.print(table)
+        done = sum(s.complete + s.failed for s in rows)
+        out.print(f"{done}/{sum(s.budget for s in rows)} trials settled" if rows else "no study found in the storage",
+                  soft_wrap=True)
+        for folder, final_runs in finals:
+            _print_runs(out, f"final runs of the tuned settings in {folder}", final_runs, "none yet")
+    if jobs:
+        out.print(f"SLURM jobs submitted: {', '.join(jobs)} (squeue -j ... / sacct -j ... for their state)",
+                  soft_wrap=True)
+
+
+def _print_runs(out: Any, title: str, runs: list, empty: str) -> None:
+    from collections import Counter
+
+    from rich.table import Table
+
+    from optbench.status import STATES
+
+    table = Table(title=title)
     for column in ("optimizer", "seed", "config", "state", "detail"):
         table.add_column(column)
     for run in runs:
         table.add_row(run.optimizer, str(run.seed), run.config_hash, run.state, run.detail)
     out.print(table)
     counts = Counter(run.state for run in runs)
-    out.print(", ".join(f"{counts[s]} {s}" for s in STATES if counts[s]) or "no runs planned or recorded here",
-              soft_wrap=True)
-    if jobs:
-        out.print(f"SLURM jobs submitted: {', '.join(jobs)} (squeue -j ... / sacct -j ... for their state)",
-                  soft_wrap=True)
+    out.print(", ".join(f"{counts[s]} {s}" for s in STATES if counts[s]) or empty, soft_wrap=True)
 
 
 @app.command()

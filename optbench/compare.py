@@ -6,6 +6,7 @@ import time
 from statistics import mean
 from typing import Any, Callable
 
+from optbench.attempts import outcome
 from optbench.config import RunConfig, resolve_config
 from optbench.console import duration_text
 from optbench.data import ImageData, load_dataset
@@ -36,7 +37,8 @@ def data_key(config: RunConfig) -> tuple:
 def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callable[[RunConfig], Any],
                    announce: Callable[[str], None], datasets: dict[tuple, ImageData] | None = None
                    ) -> list[dict[str, Any]]:
-    """Run what has no finished record (ok or diverged) yet, or everything with `rerun`.
+    """Run what has no finished record (ok or diverged) yet, or everything with `rerun`: the serial executor,
+    following attempts.py's rule as the workers do.
 
     A run that was interrupted or killed has no finished record: it continues from its checkpoint, so
     a killed comparison resumes where it stopped; an out-of-memory run is tried again. A run another
@@ -84,7 +86,7 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
                  + f", {record['train_wall_time_s']:.1f}s -> {path}"
                  + (f"; ETA {duration_text(left)} for the {len(to_train)} run(s) still to train" if to_train else ""))
         records.append(record)
-        if record["status"] == "interrupted":
+        if outcome(record) == "stopped":  # attempts.py: a stop ends the command; an error raised ends it too
             break
     return records
 

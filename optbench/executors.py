@@ -1,4 +1,5 @@
-"""Where `compare`'s planned runs execute: in this process, in N worker processes, or in a SLURM job array.
+"""Where `compare`'s planned runs and `tune`'s trials execute: in this process, in N worker processes, or in
+a SLURM job array.
 
 The run records in the results directory are the one contract. A grid (the planned configs) is handed
 to an executor; whoever executes it -- this process (`--executor local`, the default), `--workers N`
@@ -6,16 +7,12 @@ processes on this machine, or the tasks of one submitit job array (`--executor s
 `submitit-local` to run the same submission and requeue machinery as local processes) -- runs
 `run_worker`: it claims runs one at a time through the run locks (`runlock.acquire_run_lock`),
 trains or resumes each, and writes records. The parent then collects the report from the records.
+`tune` hands its trials to the same two machineries (`run_local_workers`, `run_array`) with its own
+worker, `tune.tune_worker`.
 
-A run is *settled* for a grid when it has a finished record (ok or diverged; with `--rerun` only one
-written since the grid was planned), or a record of another final status (oom, failed) written since the
-grid was planned: a run is tried once per command, as the serial compare does. A run that was stopped
-(SIGINT/SIGTERM, or the preemption signal under submitit) saved its checkpoint and is not settled: the
-next worker to claim it resumes it.
-
-A worker that is killed (SIGKILL, a node lost) leaves its run's checkpoint and a lock whose holder is
-dead; the lock is broken as stale by the next worker that looks (see `runlock.py`), and the run
-resumes from its checkpoint. Nothing here schedules: workers take the next unclaimed run in plan order.
+How an attempt ends (finished, failed, stopped, error, lost) and what follows is one rule for every
+executor, stated in `optbench/attempts.py`. Nothing here schedules: workers take the next unclaimed run
+in plan order.
 """
 
 from __future__ import annotations
@@ -28,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from optbench.attempts import EXIT_ERROR, EXIT_STOPPED, outcome, records_by_hash, settling_record
 from optbench.config import RunConfig
 from optbench.errors import ConfigError, OptbenchError
 
 EXECUTORS = ("local", "slurm", "submitit-local")
-FINISHED = ("ok", "diverged")
 POLL_S = 2.0  # how often a worker with nothing to claim looks again, and the parent reports progress
 
 
@@ -70,27 +67,12 @@ def worker_name() -> str:
 # --- reading where the grid stands, from the records -----------------------------------------------------
 
 
-def _records_by_hash(results_dir: str) -> dict[str, list[dict[str, Any]]]:
-    from optbench.records import load_records
-
-    if not Path(results_dir).is_dir():
-        return {}
-    out: dict[str, list[dict[str, Any]]] = {}
-    for record in load_records(results_dir).records:
-        out.setdefault(record["config_hash"], []).append(record)
-    return out
+_records_by_hash = records_by_hash  # the one grouping of records by run (attempts.py), also status's
 
 
 def settled_record(grid: Grid, records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The record that settles a run for `grid` among `records` (one config hash's), or None."""
-    def fresh(r: dict[str, Any]) -> bool:
-        return (r.get("finished_at") or "") >= grid.since
-
-    finished = [r for r in records if r["status"] in FINISHED and (fresh(r) or not grid.rerun)]
-    if finished:
-        return max(finished, key=lambda r: r.get("finished_at") or "")
-    final = [r for r in records if r["status"] not in FINISHED + ("interrupted",) and fresh(r)]
-    return max(final, key=lambda r: r.get("finished_at") or "") if final else None
+    """The record that settles a run for `grid` among `records` (one config hash's), or None (attempts.py)."""
+    return settling_record(records, grid.since, grid.rerun)
 
 
 def grid_state(grid: Grid) -> dict[tuple[str, str], dict[str, Any] | None]:
@@ -122,7 +104,9 @@ def _label(config: RunConfig) -> str:
 
 def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None = None,
                quiet: bool = False, announce: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Claim and run the grid's unsettled runs until none is left. Returns {"worker", "runs", "interrupted"}.
+    """Claim and run the grid's unsettled runs until none is left. Returns {"worker", "runs", "interrupted",
+    "error"}: it ends early when a run was stopped (`interrupted`) or an attempt met an error (its message
+    in `error`), as attempts.py says.
 
     `visible_devices`: this worker's CUDA_VISIBLE_DEVICES (one GPU per worker), set before CUDA starts.
     Runs held by another live worker are left to it; when every unsettled run is held, the worker waits
@@ -142,7 +126,7 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
     make_reporter = reporter_factory(lambda c: RichReporter(f"{name} {c.optimizer} s{c.seed}", quiet=True),
                                      list(grid.track), grid.track_uri)
     datasets: dict[tuple, Any] = {}
-    done: dict[str, Any] = {"worker": name, "runs": [], "interrupted": False}
+    done: dict[str, Any] = {"worker": name, "runs": [], "interrupted": False, "error": None}
     while True:
         state = grid_state(grid)
         pending = [c for c in grid.unique() if state[(c.results_dir, c.config_hash)] is None]
@@ -151,18 +135,21 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
         progressed = False
         for config in pending:
             key = data_key(config)
-            if key not in datasets:
-                datasets[key] = load_dataset(*key)
 
             def settled_now(config=config) -> dict[str, Any] | None:  # asked once the run's lock is held
                 return settled_record(grid, _records_by_hash(config.results_dir).get(config.config_hash, []))
 
             try:
+                if key not in datasets:
+                    datasets[key] = load_dataset(*key)
                 with make_reporter(config) as reporter:
                     record, path = run_experiment(config, reporter, data=datasets[key], resume=not grid.rerun,
                                                   settled=settled_now)
             except RunBusy:
                 continue  # another worker holds it
+            except OptbenchError as exc:  # an error ends the command (attempts.py): no second attempt here
+                done["error"] = str(exc)
+                return done
             progressed = True
             if record.get("_reused"):
                 continue  # another worker settled it between our reading and our lock
@@ -170,9 +157,8 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
             acc = record.get("final_test_acc")
             say(f"{_label(config)}: {record['status']}, test acc " + (f"{acc:.2%}" if acc is not None else "-")
                 + f", {record['train_wall_time_s']:.1f}s -> {path}")
-            if record["status"] == "interrupted":
+            if outcome(record) == "stopped":  # a submitit task then requeues itself (ArrayTask)
                 done["interrupted"] = True
-                requeue_if_preempted()
                 return done
             break  # read the records again: others may have settled runs meanwhile
         if not progressed:
@@ -189,11 +175,6 @@ def requeue_if_preempted() -> None:
         handler(interrupt.last_stop_signal, None)
 
 
-def _spawned_worker(grid: Grid, name: str, visible_devices: str | None, quiet: bool) -> None:
-    result = run_worker(grid, name, visible_devices, quiet)
-    raise SystemExit(130 if result["interrupted"] else 0)
-
-
 def gpu_count() -> int:
     import torch
 
@@ -205,22 +186,56 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def spawn_local(target: Callable[..., None], args_per_worker: list[tuple], label: str) -> list[int]:
-    """Start one spawned process per argument tuple, wait for all, return their exit codes.
+def _local_task(work: Callable[..., dict[str, Any]], payload: Any, name: str, visible_devices: str | None,
+                quiet: bool, results: Any) -> None:
+    """One `--workers` process: `work` (run_worker or tune.tune_worker), its result to the parent, and the
+    exit code of its outcome (attempts.py)."""
+    result = work(payload, name, visible_devices=visible_devices, quiet=quiet)
+    results.put(result)
+    raise SystemExit(EXIT_STOPPED if result.get("interrupted") else EXIT_ERROR if result.get("error") else 0)
+
+
+def run_local_workers(work: Callable[..., dict[str, Any]], payload: Any, count: int, label: str,
+                      quiet: bool = False) -> list[int]:
+    """`count` spawned processes, worker i running `work(payload, "worker<i>", visible_devices=..., quiet=...)`
+    (one GPU each when there are several); waits for all and returns their exit codes. The rule of
+    attempts.py: a worker that met an error stops the others (SIGTERM: they save and stop) and this raises
+    ExecutorError with its message; 130 is a stopped worker; a negative code a lost one (killed by that
+    signal), whose work the caller finishes in its own process.
 
     Ctrl-C reaches the workers too (same process group): each stops after its step and saves; this
     waits for them instead of leaving orphans."""
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=target, args=args, name=f"optbench-{label}-{i}")
-             for i, args in enumerate(args_per_worker)]
+    results = context.SimpleQueue()
+    gpus = gpu_count()
+    names = [f"worker{i}" for i in range(count)]
+    procs = [context.Process(target=_local_task, args=(work, payload, names[i], device_for_worker(i, gpus), quiet,
+                                                       results), name=f"optbench-{label}-{i}") for i in range(count)]
     for proc in procs:
         proc.start()
-    try:
-        for proc in procs:
-            proc.join()
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.join()
+    got: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    stopped: set[int] = set()
+    while True:
+        try:
+            while not results.empty():
+                result = results.get()
+                got[result["worker"]] = result
+            errors = [got[n]["error"] for n in names if (got.get(n) or {}).get("error")]
+            errors += [f"{n} ended with exit code {p.exitcode} (its traceback is above)" for n, p in zip(names, procs)
+                       if p.exitcode not in (None, 0, EXIT_STOPPED) and p.exitcode > 0 and n not in got]
+            alive = [p for p in procs if p.is_alive()]
+            for proc in alive if errors else ():
+                if proc.pid not in stopped:  # once: a second SIGTERM would stop it without a checkpoint
+                    stopped.add(proc.pid)
+                    proc.terminate()  # SIGTERM: the run in progress stops after its step and saves
+            if not alive:
+                break
+            alive[0].join(timeout=0.5)
+        except KeyboardInterrupt:
+            continue  # the workers got it too: wait for them to save and stop
+    if errors:
+        raise ExecutorError("; ".join(dict.fromkeys(errors)))
     return [p.exitcode for p in procs]
 
 
@@ -353,13 +368,18 @@ def start_submitit_task() -> str:
     return f"{environment.job_id}@{socket.gethostname()}"
 
 
-class SubmititWorker(Checkpointable):
-    """One array task: `run_worker` over the grid. Checkpointable: when the task gets submitit's
-    preemption/time-limit signal, the run in progress stops after its step and saves its checkpoint
-    (the usual stop path), then submitit requeues this same callable, which claims and resumes it."""
+class ArrayTask(Checkpointable):
+    """One array task: `work(payload, name)` -- `run_worker` over a grid, or `tune.tune_worker` on a study.
+    Checkpointable: when the task gets submitit's preemption/time-limit signal, the run in progress stops
+    after its step and saves its checkpoint (the usual stop path), then the signal goes on to submitit,
+    which requeues this same callable; the requeued task claims the run (or the re-queued trial) and
+    resumes it. Returns the worker's result ({"interrupted", "error", ...}: attempts.py)."""
 
-    def __call__(self, grid: Grid, index: int) -> dict[str, Any]:
-        return run_worker(grid, start_submitit_task())
+    def __call__(self, work: Callable[..., dict[str, Any]], payload: Any, index: int) -> dict[str, Any]:
+        result = work(payload, start_submitit_task())
+        if result.get("interrupted"):
+            requeue_if_preempted()
+        return result
 
 
 def submit_array(target: Any, args_per_task: list[tuple], folder: Path, options: SlurmOptions, cluster: str):
@@ -384,24 +404,63 @@ def held_by_live_worker(config: RunConfig) -> bool:
     return owner is not None and not lock_is_stale(owner)
 
 
-def wait_for_jobs(jobs: list, grid: Grid, announce: Callable[[str], None]) -> list[str]:
-    """Wait for the jobs (and for runs held by live workers of earlier jobs), reporting progress from the
-    records; returns one line per job that failed."""
-    return await_jobs(jobs, announce, progress=lambda: f"{len(collect(grid)[0])}/{len(grid.unique())} runs settled",
-                      busy=lambda: any(held_by_live_worker(c) for c in collect(grid)[1]))
+def run_array(work: Callable[..., dict[str, Any]], payload: Any, todo: int, folder: Path, spec: "ExecutorSpec",
+              announce: Callable[[str], None], progress: Callable[[], str], busy: Callable[[], bool] = lambda: False,
+              what: str = "run(s)", status_dir: str | Path = "RESULTS") -> None:
+    """The one SLURM (or submitit-local) path, compare's and tune's: submit one job array whose tasks each
+    run `work(payload, name)` (`ArrayTask`; `--workers N` tasks, else one per item `todo`), add the job ids
+    to FOLDER/jobs.json for `optbench status`, then wait for the jobs and while `busy()` (work held by live
+    workers of earlier jobs), announcing `progress()`. A task's error cancels the others and raises
+    ExecutorError (attempts.py); tasks that failed otherwise are announced, and the caller judges what is
+    left from the records or the study. Nothing is submitted when `todo` is 0."""
+    jobs = []
+    if todo:
+        tasks = min(spec.workers, todo) if spec.workers > 1 else todo
+        jobs = submit_array(ArrayTask(), [(work, payload, i) for i in range(tasks)], folder,
+                            spec.slurm or SlurmOptions(), "slurm" if spec.kind == "slurm" else "local")
+        write_job_ids(folder, jobs)
+        announce(f"submitted {len(jobs)} task(s) for {todo} {what}: job {array_id(jobs)}; logs in {folder}; "
+                 f"`optbench status {status_dir}` shows where they stand")
+    try:
+        for line in await_jobs(jobs, announce, progress, busy):
+            announce(line)
+    except KeyboardInterrupt:
+        announce(f"stopped waiting; the jobs go on: `optbench status {status_dir}` shows them, and this command run "
+                 "again waits for them and carries on (it submits tasks only for what is not settled)")
+        raise
 
 
 def await_jobs(jobs: list, announce: Callable[[str], None], progress: Callable[[], str],
                busy: Callable[[], bool] = lambda: False) -> list[str]:
-    """Wait until the jobs are done and nothing is `busy`, announcing `progress()` when it changes;
-    returns one line per job that failed."""
-    last = None
-    while not all(job.done() for job in jobs) or busy():
+    """Wait until the jobs are done and nothing is `busy`, announcing `progress()` when it changes; returns
+    one line per job that failed. A job whose worker met an error (its result's `error`) ends the wait:
+    the other jobs are cancelled (their runs stop and save, as on SIGTERM), waited for, and ExecutorError
+    carries the error (attempts.py)."""
+    last, errors, cancelled, looked = None, [], False, set()
+    while not all(job.done() for job in jobs) or (busy() and not errors):
+        for job in jobs:
+            if job.job_id not in looked and job.done():
+                looked.add(job.job_id)
+                result = _job_result(job)
+                if isinstance(result, dict) and result.get("error"):
+                    errors.append(result["error"])
+        if errors and not cancelled:
+            cancelled = True
+            for job in jobs:
+                if not job.done():
+                    job.cancel(check=False)
         line = progress()
         if line != last:
             last = line
             announce(f"{line}; jobs {', '.join(j.job_id for j in jobs)}")
         time.sleep(POLL_S)
+    for job in jobs:
+        if job.job_id not in looked:
+            result = _job_result(job)
+            if isinstance(result, dict) and result.get("error"):
+                errors.append(result["error"])
+    if errors:
+        raise ExecutorError("; ".join(dict.fromkeys(errors)))
     failures = []
     for job in jobs:
         state = job.state
@@ -411,6 +470,13 @@ def await_jobs(jobs: list, announce: Callable[[str], None], progress: Callable[[
             except Exception as exc:
                 failures.append(f"job {job.job_id}: {state}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
     return failures
+
+
+def _job_result(job) -> Any:
+    try:
+        return job.result()
+    except Exception:  # failed or lost: reported by await_jobs from its state
+        return None
 
 
 # --- the dispatcher --------------------------------------------------------------------------------------
@@ -475,7 +541,7 @@ def execute(grid: Grid, spec: ExecutorSpec, make_reporter: Callable[[RunConfig],
                                   for c in grid.unique() if c.results_dir == results_dir])
     if spec.kind == "local" and spec.workers == 1:
         records = run_comparison(list(grid.configs), grid.rerun, make_reporter, announce, datasets)
-        return records, any(r["status"] == "interrupted" for r in records)
+        return records, any(outcome(r) == "stopped" for r in records)
     records, pending = collect(grid)
     if not pending:
         for record in records:
@@ -484,37 +550,25 @@ def execute(grid: Grid, spec: ExecutorSpec, make_reporter: Callable[[RunConfig],
     announce(f"{len(pending)} of {len(grid.unique())} runs to do, {len(grid.unique()) - len(pending)} reused")
     interrupted = False
     if spec.kind == "local":
-        workers = min(spec.workers, len(pending))
-        gpus = gpu_count()
-        codes = spawn_local(_spawned_worker, [(grid, f"worker{i}", device_for_worker(i, gpus), quiet)
-                                              for i in range(workers)], "compare")
-        interrupted = any(c == 130 for c in codes)
-        if any(c not in (0, 130) for c in codes):
+        codes = run_local_workers(run_worker, grid, min(spec.workers, len(pending)), "compare", quiet)
+        interrupted = any(c == EXIT_STOPPED for c in codes)
+        if any(c not in (0, EXIT_STOPPED) for c in codes):
             announce(f"worker exit codes {codes}: finishing what they left in this process")
     else:
-        folder = Path(grid.configs[0].results_dir) / "slurm"
         free = [c for c in pending if not held_by_live_worker(c)]  # the rest run in jobs submitted earlier
-        if free:
-            tasks = min(spec.workers, len(free)) if spec.workers > 1 else len(free)
-            jobs = submit_array(SubmititWorker(), [(grid, i) for i in range(tasks)], folder,
-                                spec.slurm or SlurmOptions(), "slurm" if spec.kind == "slurm" else "local")
-            write_job_ids(folder, jobs)
-            announce(f"submitted {len(jobs)} task(s): job {array_id(jobs)}; logs in {folder}; "
-                     f"`optbench status {grid.configs[0].results_dir}` shows where the grid stands")
-        else:
-            jobs = []
+        if not free:
             announce(f"all {len(pending)} runs to do are held by live workers (earlier jobs): waiting for them")
-        try:
-            for line in wait_for_jobs(jobs, grid, announce):
-                announce(line)
-        except KeyboardInterrupt:
-            announce("stopped waiting; the jobs go on: `optbench status DIR` shows them, and this command run "
-                     "again collects the report (it submits only what is not finished)")
-            raise
+        run_array(run_worker, grid, len(free), Path(grid.configs[0].results_dir) / "slurm", spec, announce,
+                  progress=lambda: f"{len(collect(grid)[0])}/{len(grid.unique())} runs settled",
+                  busy=lambda: any(held_by_live_worker(c) for c in collect(grid)[1]), what="run(s)",
+                  status_dir=grid.configs[0].results_dir)
     if not interrupted and spec.kind == "local":
         # A worker killed outright (SIGKILL, OOM killer) left its run: finish it here. Not for submitit
         # executors: the parent may be on a login node, where nothing should train.
-        interrupted = run_worker(grid, f"{worker_name()} (parent)", quiet=quiet, announce=announce)["interrupted"]
+        result = run_worker(grid, f"{worker_name()} (parent)", quiet=quiet, announce=announce)
+        if result["error"]:
+            raise ExecutorError(result["error"])
+        interrupted = result["interrupted"]
     records, missing = collect(grid)
     if missing and not interrupted:
         raise ExecutorError(f"{len(missing)} run(s) did not finish: {', '.join(_label(c) for c in missing)}; "

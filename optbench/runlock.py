@@ -91,6 +91,30 @@ def lock_is_stale(owner: dict[str, Any] | None) -> bool:
     return owner.get("host") == socket.gethostname() and not _pid_alive(owner.get("pid"))
 
 
+def run_lost(results_dir: str | Path, config_hash: str | None, host: str | None, pid: Any,
+             started_at: float | None) -> bool:
+    """Whether the process that took up a run (`host`, `pid`, since `started_at`) is gone, for work that
+    holds the run's lock for nearly all its life (a tune trial: `tune.trial_lost`):
+    - a lock: gone when the lock is stale (its holder dead on this host, or no heartbeat for LOCK_STALE_S);
+    - no lock, the process on this host: gone when it is dead;
+    - no lock, another host: gone when neither `started_at` nor the run's checkpoint or record is younger
+      than LOCK_STALE_S (between taking the work and the lock, or the lock and the end, takes a moment, not
+      minutes; `started_at` is the other host's clock, so clock skew must stay well below LOCK_STALE_S).
+    """
+    if config_hash:
+        owner = read_lock(lock_path(results_dir, config_hash))
+        if owner is not None:
+            return lock_is_stale(owner)
+    if host == socket.gethostname():
+        return not _pid_alive(pid)
+    if started_at is not None and time.time() - started_at < LOCK_STALE_S:
+        return False
+    files = [*Path(results_dir).glob(f"*-{config_hash}-*.json"), lock_path(results_dir, config_hash).with_suffix(".pt")] \
+        if config_hash else []
+    mtimes = [f.stat().st_mtime for f in files if f.exists()]
+    return not mtimes or _server_now(Path(results_dir)) - max(mtimes) > LOCK_STALE_S
+
+
 @dataclass
 class RunLock:
     """An exclusive claim on one run (one config hash) in a results directory: a lock file created with

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optbench.attempts import newest, outcome, records_by_hash, settling_record
 from optbench.runlock import lock_is_stale, read_lock
 from optbench.errors import RecordError
 
@@ -64,8 +65,6 @@ def _age(seconds: float) -> str:
 
 def grid_status(results_dir: str | Path) -> tuple[list[RunStatus], list[str]]:
     """Every planned run's state (plan order), then any other run found on disk; and the job ids submitted."""
-    from optbench.records import load_records
-
     directory = Path(results_dir)
     if not directory.is_dir():
         raise RecordError(f"results directory {directory} does not exist: pass the folder `compare` writes to")
@@ -73,9 +72,7 @@ def grid_status(results_dir: str | Path) -> tuple[list[RunStatus], list[str]]:
         planned = json.loads((directory / GRID_FILE).read_text()).get("runs", [])
     except (OSError, ValueError, AttributeError):
         planned = []
-    records: dict[str, list[dict[str, Any]]] = {}
-    for record in load_records(directory).records:
-        records.setdefault(record["config_hash"], []).append(record)
+    records = records_by_hash(directory)  # the executors' grouping (attempts.py)
     checkpoints = directory / "checkpoints"
     runs = {r["config_hash"]: r for r in planned if isinstance(r, dict) and "config_hash" in r}
     for config_hash, found in records.items():  # runs made without a recorded plan (older compare, run)
@@ -94,10 +91,9 @@ def grid_status(results_dir: str | Path) -> tuple[list[RunStatus], list[str]]:
 def _one(run: dict[str, Any], records: list[dict[str, Any]], checkpoints: Path) -> RunStatus:
     config_hash = run["config_hash"]
     make = lambda state, detail: RunStatus(run.get("optimizer", "?"), run.get("seed", "?"), config_hash, state, detail)
-    newest = max(records, key=lambda r: r.get("finished_at") or "") if records else None
-    finished = [r for r in records if r["status"] in ("ok", "diverged")]
-    if finished:
-        best = max(finished, key=lambda r: r.get("finished_at") or "")
+    latest = newest(records)
+    best = settling_record(records)  # for a plan made before every record: the newest finished, else failed
+    if best is not None and outcome(best) == "finished":
         acc = best.get("final_test_acc", best.get("final_val_acc"))
         return make("finished", f"{best['status']}" + (f", acc {acc:.2%}" if isinstance(acc, (int, float)) else "")
                     + f", {best.get('finished_at', '?')}" + (", resumed" if best.get("resumed") else ""))
@@ -115,9 +111,107 @@ def _one(run: dict[str, Any], records: list[dict[str, Any]], checkpoints: Path) 
         since = owner.get("started_at")
         held = f" for {_age(time.time() - since)}" if isinstance(since, (int, float)) else ""
         return make("running", f"{who}{held}, heartbeat {_age(owner['age_s'])} ago")
-    if newest is not None and newest["status"] in ("oom", "failed"):
-        return make("failed", f"{newest['status']}: {newest.get('status_detail') or ''}".strip())
+    if latest is not None and outcome(latest) == "failed":
+        return make("failed", f"{latest['status']}: {latest.get('status_detail') or ''}".strip())
     if checkpoint.exists():
         return make("stopped", f"checkpoint saved {_age(time.time() - checkpoint.stat().st_mtime)} ago; "
                     "compare resumes it")
     return make("planned", "")
+
+
+# --- a tune folder: its studies (read from their storage, never written) and its final runs ----------------
+
+STUDY_INDEX = "studies.json"  # in RESULTS/tune: the studies `tune` made for this folder, and their storage
+
+
+def record_studies(tune_dir: str | Path, storage: str, studies: dict[str, dict[str, Any]]) -> None:
+    """Add {study name: {optimizer, budget, space}} and the storage URL (without its password) to STUDY_INDEX."""
+    path = Path(tune_dir) / STUDY_INDEX
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known = known if isinstance(known, dict) and isinstance(known.get("studies"), dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    index = {"studies": {**known.get("studies", {}), **{name: {**info, "storage": storage}
+                                                          for name, info in studies.items()}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}")
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(path)
+
+
+def tune_folder(results_dir: str | Path) -> Path | None:
+    """RESULTS/tune when `tune` wrote there (or the folder itself when it is one), else None."""
+    directory = Path(results_dir)
+    for candidate in (directory / "tune", directory):
+        if (candidate / STUDY_INDEX).is_file() or (candidate / "trials").is_dir() and candidate.name == "tune":
+            return candidate
+    return None
+
+
+@dataclass
+class StudyStatus:
+    optimizer: str
+    study: str
+    budget: int
+    complete: int  # slots settled by a COMPLETE trial (scored_zero of them diverged, ran out of memory or failed)
+    scored_zero: int
+    running: int
+    lost: int  # running trials whose worker is gone (journal storage): the next `tune` fails and re-queues them
+    waiting: int
+    failed: int  # slots settled by a FAIL trial with no retry left
+    retrying: int  # slots whose newest trial failed and will be retried
+    pruned: int  # trials that found no planned trial left (never counted)
+    retries: int  # retries spent (errors and lost workers; stops spend none)
+
+
+def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[StudyStatus]]:
+    """The storage read, and each study `tune` made for this folder against its budget (read only)."""
+    import optuna
+
+    from optbench.attempts import MAX_RETRY
+    from optbench.runlock import run_lost
+    from optbench.study_storage import open_study_storage
+    from optbench.tune_analysis import budget_status, trial_dicts
+
+    try:
+        index = json.loads((tune_dir / STUDY_INDEX).read_text()).get("studies", {})
+    except (OSError, ValueError, AttributeError):
+        index = {}
+    urls = {info.get("storage") for info in index.values() if isinstance(info, dict)} - {None}
+    default = tune_dir / "optuna.sqlite3"
+    url = storage or (urls.pop() if len(urls) == 1 else f"sqlite:///{default.resolve()}" if default.is_file() else None)
+    if url is None:
+        raise RecordError(f"{tune_dir} does not say which Optuna storage holds its studies: pass --storage")
+    if "***" in url:
+        raise RecordError(f"the tune's storage {url} needs its password: pass --storage with it")
+    opened = open_study_storage(url)  # read only
+    names = [s.study_name for s in optuna.get_all_study_summaries(opened, include_best_trial=False)]
+    ours = [n for n in names if n in index] or names  # a study index from an older tune: every study in the file
+    out = []
+    trials_dir = tune_dir / "trials"
+    for name in ours:
+        study = optuna.load_study(study_name=name, storage=opened)
+        optimizer = study.user_attrs.get("optimizer", (index.get(name) or {}).get("optimizer", "?"))
+        budget = int(study.user_attrs.get("budget", (index.get(name) or {}).get("budget", 0)))
+        trials = trial_dicts(study, optimizer)
+        status = budget_status(trials, budget, MAX_RETRY)
+        settled = list(status.settled.values())
+        running = [t for t in trials if t["state"] == "RUNNING"]
+        out.append(StudyStatus(
+            optimizer, name, budget, complete=sum(t["state"] == "COMPLETE" for t in settled),
+            scored_zero=sum(t["state"] == "COMPLETE" and t.get("status") not in (None, "ok") for t in settled),
+            running=len(running),
+            lost=sum(run_lost(trials_dir, t["config_hash"], t["host"], t["pid"], t["started"]) for t in running),
+            waiting=status.waiting, failed=sum(t["state"] == "FAIL" for t in settled), retrying=status.retry_pending,
+            pruned=sum(t["state"] == "PRUNED" for t in trials), retries=_retries_spent(trials)))
+    return url, out
+
+
+def _retries_spent(trials: list[dict[str, Any]]) -> int:
+    """Counted retries (errors, lost workers) over the slots: the retry history of each slot's newest trial."""
+    newest_of: dict[int, dict[str, Any]] = {}
+    for t in trials:
+        if t.get("slot") is not None and (t["slot"] not in newest_of or t["number"] > newest_of[t["slot"]]["number"]):
+            newest_of[t["slot"]] = t
+    return sum(len(t.get("retry_history") or []) for t in newest_of.values())

@@ -14,12 +14,12 @@ Protocol (README, "A fair contest"):
    results of its own. A finished record with the trial's config hash is reused, a checkpoint resumed.
 3. Scale-out. Workers (this process, `--workers N` processes, the tasks of one submitit job array with
    `--executor slurm|submitit-local`, or `optbench tune` started on other machines with the same
-   `--storage`) share the study. With an RDB storage (SQLite, PostgreSQL)
-   each running trial sends Optuna heartbeats; a trial whose worker died is failed after the grace
-   period and re-queued by `RetryHeartbeatStaleTrialCallback` with the same parameters, so its run
-   resumes from its checkpoint. Optuna's journal storage has no heartbeat (see `open_storage`). A trial
-   stopped and checkpointed (Ctrl-C, SIGTERM, a SLURM task's preemption signal) is re-queued at once
-   without spending one of its retries: it failed nothing, and its run resumes where it stopped.
+   `--storage`) share the study. A trial whose worker was lost is failed and re-queued with the same
+   parameters (one retry spent), so its run resumes from its checkpoint: with an RDB storage (SQLite,
+   PostgreSQL) Optuna's heartbeat notices, after the grace period; with Optuna's journal storage, which
+   has no heartbeat, the trial's run lock does (`fail_lost_trials`). A trial stopped and checkpointed
+   (Ctrl-C, SIGTERM, a SLURM task's preemption signal) is re-queued at once without spending one of its
+   retries: it failed nothing, and its run resumes where it stopped. The rule: optbench/attempts.py.
 4. Final runs. Each optimizer's best setting (ties go to the defaults) and its defaults run on the full
    training set with K fresh seeds and are scored on the test split by compare's own planning, running
    and report code; the verdicts come from those.
@@ -32,10 +32,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import os
+import socket
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,14 +43,15 @@ from typing import Any, Callable, Iterator
 from optbench.config import RunConfig, resolve_config
 from optbench.optimizers import get_entry
 from optbench.errors import ConfigError, OptbenchError
-from optbench.executors import Checkpointable, ExecutorSpec, worker_name
+from optbench.attempts import EXIT_STOPPED, MAX_RETRY
+from optbench.attempts import outcome as attempt_outcome
+from optbench.executors import ExecutorSpec, worker_name
+from optbench.study_storage import (DEFAULT_HEARTBEAT_S, STUDY_FILE, _quiet_optuna, _redact,  # noqa: F401
+                                     default_storage, heartbeat_enabled, open_storage)
 from optbench.search_space import SearchSpace, check_equal_grids, parse_search_space
-from optbench.tune_analysis import Budget, budget_status, best_trial
+from optbench.tune_analysis import Budget, budget_status, best_trial, trial_dicts
 
 SPACES = ("grid", "sobol")
-MAX_RETRY = 3  # a trial whose worker dies this many times is settled with the worst score
-DEFAULT_HEARTBEAT_S = 10
-STUDY_FILE = "optuna.sqlite3"
 
 
 class TuneError(OptbenchError):
@@ -65,73 +65,6 @@ class TrialInterrupted(Exception):
 # --- storage ---------------------------------------------------------------------------------------
 
 
-def default_storage(results_dir: str | Path) -> str:
-    return f"sqlite:///{Path(results_dir).resolve() / 'tune' / STUDY_FILE}"
-
-
-def open_storage(url: str, heartbeat_s: int = DEFAULT_HEARTBEAT_S):
-    """An Optuna storage for `url`.
-
-    - `sqlite:///PATH`, `postgresql://USER@HOST:PORT/DB` (any SQLAlchemy URL): `RDBStorage` with
-      heartbeats every `heartbeat_s` seconds, a grace period of 3x that, and stale trials re-queued by
-      `RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)`.
-    - `journal:PATH`: `JournalStorage(JournalFileBackend(PATH))`, one append-only file on a shared
-      filesystem, no database server. Optuna has no heartbeat for it: a trial whose worker was killed
-      stays RUNNING, so `tune` stops and says so instead of waiting; use an RDB storage where workers
-      can be preempted.
-    """
-    import optuna
-
-    _quiet_optuna()
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
-
-            path = Path(url[len("journal:"):]).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        url = _with_postgres_driver(url)
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
-    except Exception as exc:  # SQLAlchemy, driver and filesystem errors come in many classes
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise TuneError(f"cannot open the Optuna storage {_redact(url)} ({exc.__class__.__name__}: {first}): "
-                        "check --storage (sqlite:///PATH, postgresql://USER@HOST:PORT/DB or journal:PATH)") from None
-
-
-def _with_postgres_driver(url: str) -> str:
-    """SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the `postgres` extra installs psycopg2.
-    Name the driver that is installed when the URL names none."""
-    import importlib.util
-
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return url
-
-
-def _redact(url: str) -> str:
-    """The URL without a password, for messages."""
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
-    return url
-
-
-def _quiet_optuna() -> None:
-    import optuna
-
-    optuna.logging.set_verbosity(logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
-    warnings.filterwarnings("ignore", message=".*balance properties of Sobol.*")
-
-
 def check_shared_storage(spec: ExecutorSpec, url: str) -> None:
     """SLURM tasks on several nodes share the study: SQLite's file locking is not safe on a shared (NFS)
     filesystem, so `--executor slurm` needs a database server or Optuna's journal file, which locks
@@ -140,12 +73,6 @@ def check_shared_storage(spec: ExecutorSpec, url: str) -> None:
         raise ConfigError("--executor slurm needs a study storage every node can share safely (SQLite on a shared "
                           "filesystem is not): pass --storage postgresql://USER@HOST:PORT/DB or "
                           "--storage journal:PATH (a file on the shared filesystem)")
-
-
-def heartbeat_enabled(storage) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return is_heartbeat_enabled(storage)
 
 
 # --- the plan --------------------------------------------------------------------------------------
@@ -309,20 +236,10 @@ def prepare_studies(plan: TunePlan, storage=None) -> None:
             for slot, params in enumerate(draw_points(spec, plan.space, plan.budget, plan.seed)):
                 if slot not in have:
                     study.enqueue_trial(params, user_attrs={"slot": slot, "defaults": slot == 0})
+        from optbench.status import record_studies
 
-
-def trial_dicts(study, optimizer: str) -> list[dict[str, Any]]:
-    """The study's trials as plain dicts (see optbench.tune_analysis)."""
-    out = []
-    for t in study.get_trials(deepcopy=False):
-        out.append({"optimizer": optimizer, "number": t.number, "slot": t.user_attrs.get("slot"),
-                    "state": t.state.name, "value": t.value if t.state.name == "COMPLETE" else None,
-                    "params": dict(t.params or t.system_attrs.get("fixed_params", {})),
-                    "defaults": bool(t.user_attrs.get("defaults")), "config_hash": t.user_attrs.get("config_hash"),
-                    "record": t.user_attrs.get("record"), "status": t.user_attrs.get("status"),
-                    "worker": t.user_attrs.get("worker"),
-                    "retry_history": list(t.system_attrs.get("retry_history", []))})
-    return out
+        record_studies(plan.tune_dir, _redact(plan.storage), {  # for `optbench status`: which studies, where
+            spec.name: {"optimizer": spec.optimizer, "budget": plan.budget, "space": plan.space} for spec in plan.studies})
 
 
 def study_status(plan: TunePlan, storage) -> dict[str, tuple[Budget, list[dict[str, Any]]]]:
@@ -370,9 +287,9 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
 
     Top-level and picklable (an executor can run it anywhere the storage and the results directory are
     reachable). `threads`: torch intra-op threads for this worker; `visible_devices`: its
-    CUDA_VISIBLE_DEVICES (one GPU per worker). Returns {"worker", "trials", "interrupted", "incomplete"}:
-    `incomplete` lists studies with trials still RUNNING elsewhere when the storage has no heartbeat
-    to tell a dead worker from a slow one.
+    CUDA_VISIBLE_DEVICES (one GPU per worker). Returns {"worker", "trials", "interrupted", "error"}: a stop
+    or an error ends it early (attempts.py). While trials run in other workers it waits; a trial whose
+    worker was lost is failed and re-queued (`fail_lost_trials`) and may be taken up here.
     """
     if visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices  # before torch initialises CUDA
@@ -390,7 +307,14 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
     beating = heartbeat_enabled(storage)
     studies = {spec.optimizer: optuna.load_study(study_name=spec.name, storage=storage) for spec in plan.studies}
     datasets: dict[tuple, Any] = {}
-    done_here = {"worker": name, "trials": 0, "interrupted": False, "incomplete": []}
+    done_here = {"worker": name, "trials": 0, "interrupted": False, "error": None}
+    try:  # before taking a trial, so that a trial's worker is without its run's lock only briefly (trial_lost)
+        for spec in plan.studies:
+            if data_key(spec.base) not in datasets:  # a trial differs from its base in hyperparameters only
+                datasets[data_key(spec.base)] = load_dataset(*data_key(spec.base))
+    except OptbenchError as exc:  # an error ends the command (attempts.py)
+        done_here["error"] = str(exc)
+        return done_here
 
     def say(text: str) -> None:
         if not quiet:
@@ -416,6 +340,8 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
             slot = trial.user_attrs.get("slot")
             if slot is None:  # another worker took the last queued trial first: nothing planned is left
                 raise optuna.TrialPruned("no planned trial was waiting")
+            trial.set_user_attr("host", socket.gethostname())  # whose it is, for trial_lost on journal storage
+            trial.set_user_attr("pid", os.getpid())
             current["number"] = trial.number
             params = {p.name: trial.suggest_float(p.name, p.low, p.high, log=p.log) for p in spec.space.params}
             config = trial_config(spec.base, params)
@@ -428,7 +354,7 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
             record, path = _run_trial_run(config, datasets[key], say, plan.track, plan.track_uri)
             trial.set_user_attr("record", str(path))
             trial.set_user_attr("status", record["status"])
-            if record["status"] == "interrupted":
+            if attempt_outcome(record) == "stopped":
                 raise TrialInterrupted(f"trial {trial.number} stopped and checkpointed")
             value = record["final_val_acc"] if record["status"] == "ok" else 0.0  # worst score: counts against
             shown = ", ".join(f"{k} {v:.3g}" for k, v in params.items())
@@ -444,8 +370,7 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
         progressed, all_done = False, True
         for spec in plan.studies:
             study = studies[spec.optimizer]
-            if beating:
-                optuna.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then re-queued
+            fail_lost_trials(study, beating, plan.trials_dir)  # FAIL, then re-queued (a retry spent)
             status = budget_status(trial_dicts(study, spec.optimizer), plan.budget, MAX_RETRY)
             if status.done:
                 continue
@@ -462,11 +387,15 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
                 except BaseException as exc:
                     # Optuna marked the trial FAIL (stopped, or an error such as missing data): re-queue it
                     # (`retry`; a stop spends no retry), so the slot is not lost and its run resumes later.
+                    stopped = isinstance(exc, (TrialInterrupted, KeyboardInterrupt))
                     if "number" in current:
                         retry(study, next(t for t in study.get_trials(deepcopy=False) if t.number == current["number"]),
-                              counted=not isinstance(exc, TrialInterrupted))
+                              counted=not stopped)
                     if isinstance(exc, TrialInterrupted):
                         done_here["interrupted"] = True
+                        return done_here
+                    if isinstance(exc, OptbenchError):  # an error ends the command (attempts.py)
+                        done_here["error"] = str(exc)
                         return done_here
                     raise
                 progressed = True
@@ -474,19 +403,46 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
         if all_done:
             return done_here
         if not progressed:
-            if not beating:
-                done_here["incomplete"] = [s.optimizer for s in plan.studies
-                                           if not budget_status(trial_dicts(studies[s.optimizer], s.optimizer),
-                                                                plan.budget, MAX_RETRY).done]
-                return done_here
             time.sleep(min(1.0, plan.heartbeat_s / 2))  # others' trials run, or a dead one goes stale
+
+
+def fail_lost_trials(study, beating: bool, trials_dir: Path) -> None:
+    """Fail the RUNNING trials whose worker was lost (killed outright: attempts.py) and re-queue them, each
+    spending one retry. With an RDB storage Optuna's heartbeat judges (`fail_stale_trials`, whose callback
+    re-queues). Optuna's journal storage has no heartbeat, but every trial's run holds optbench's run lock,
+    which has one (runlock.py): `trial_lost` judges from it. When two workers fail the same trial, the
+    journal orders their writes and only the first succeeds, so it is re-queued once."""
+    import optuna
+
+    if beating:
+        optuna.storages.fail_stale_trials(study)
+        return
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not trial_lost(trial, trials_dir):
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError):  # finished meanwhile, or failed first by another worker
+            continue
+        retry(study, next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number))
+
+
+def trial_lost(trial, trials_dir: Path) -> bool:
+    """Whether a RUNNING trial's worker is gone (journal storage), from its run's lock: `runlock.run_lost`
+    with the trial's run (config hash), its worker's host and pid, and its start. A trial takes its run's
+    lock just after it starts (its data is loaded before it is taken) and lets go just before it is told."""
+    from optbench.runlock import run_lost
+
+    start = trial.datetime_start.timestamp() if trial.datetime_start is not None else None
+    return run_lost(trials_dir, trial.user_attrs.get("config_hash"), trial.user_attrs.get("host"),
+                    trial.user_attrs.get("pid"), start)
 
 
 def retry(study, trial, counted: bool = True) -> None:
     """Re-queue a FAIL trial as Optuna's heartbeat does for a stale one (same parameters and slot,
-    `retry_history` extended, at most MAX_RETRY times). Not `counted`: the trial was stopped and
-    checkpointed, not lost (a SLURM task's time limit may stop a long trial many times); its retry keeps
-    the retry history it had, so stops never use up the retries a failure gets."""
+    `retry_history` extended, at most MAX_RETRY times): after an error or a lost worker (attempts.py). Not
+    `counted`: the trial was stopped and checkpointed (a SLURM task's time limit may stop a long trial many
+    times); its retry keeps the retry history it had, so stops never use up the retries a failure gets."""
     import optuna
 
     if trial.state != optuna.trial.TrialState.FAIL:
@@ -510,61 +466,17 @@ def _lost_retries(study, budget: int) -> list:
             and len(t.system_attrs.get("retry_history", [])) + 1 <= MAX_RETRY]
 
 
-def _spawned_worker(plan: TunePlan, name: str, visible_devices: str | None, quiet: bool) -> None:
-    """A `--workers` process: tune_worker, exit code 130 if its trial was interrupted."""
-    result = tune_worker(plan, name, visible_devices=visible_devices, quiet=quiet)
-    raise SystemExit(130 if result["interrupted"] else 0)
-
-
-class SubmititTuneWorker(Checkpointable):
-    """One array task: `tune_worker` on the shared study. Checkpointable: on submitit's preemption/time-limit
-    signal the trial's run stops after its step and saves its checkpoint, the trial is re-queued
-    (`retry`, not counted), and only then does submitit requeue this task, which takes it up again."""
-
-    def __call__(self, plan: TunePlan, index: int) -> dict[str, Any]:
-        from optbench.executors import requeue_if_preempted, start_submitit_task
-
-        result = tune_worker(plan, start_submitit_task())
-        if result["interrupted"]:
-            requeue_if_preempted()
-        return result
-
-
-def run_array(plan: TunePlan, spec: ExecutorSpec, storage, announce: Callable[[str], None]) -> None:
-    """The trials as one submitit job array (one task per trial to do, or --workers tasks), then wait."""
-    from optbench.executors import SlurmOptions, array_id, await_jobs, submit_array, write_job_ids
+def run_trials_array(plan: TunePlan, spec: ExecutorSpec, storage, announce: Callable[[str], None]) -> None:
+    """The trials as one submitit job array of `tune_worker` tasks (compare's path, `executors.run_array`):
+    one task per trial not yet settled, or --workers tasks; then wait for them."""
+    from optbench.executors import run_array
 
     def settled() -> int:
         return sum(len(budget.settled) for budget, _ in study_status(plan, storage).values())
 
     total = len(plan.studies) * plan.budget
-    todo = total - settled()
-    if not todo:
-        return
-    folder = plan.tune_dir / "slurm"
-    tasks = min(spec.workers, todo) if spec.workers > 1 else todo
-    jobs = submit_array(SubmititTuneWorker(), [(plan, i) for i in range(tasks)], folder, spec.slurm or SlurmOptions(),
-                        "slurm" if spec.kind == "slurm" else "local")
-    write_job_ids(folder, jobs)
-    announce(f"submitted {len(jobs)} task(s) for {todo} trial(s): job {array_id(jobs)}; logs in {folder}")
-    try:
-        for line in await_jobs(jobs, announce, progress=lambda: f"{settled()}/{total} trials settled"):
-            announce(line)
-    except KeyboardInterrupt:
-        announce("stopped waiting; the jobs go on, and this command run again waits for the study, then runs the "
-                 "final runs (it submits tasks only for trials not settled)")
-        raise
-
-
-def run_workers(plan: TunePlan, workers: int, quiet: bool = False) -> list[int]:
-    """`workers` processes (compare's local executor: spawned, one GPU each when there are several) each
-    running `tune_worker` on the shared study; each trial runs at the thread count its config holds
-    (cores/N on a CPU, chosen when the plan was made). Returns the exit codes."""
-    from optbench.executors import device_for_worker, gpu_count, spawn_local
-
-    gpus = gpu_count()
-    return spawn_local(_spawned_worker, [(plan, f"worker{i}", device_for_worker(i, gpus), quiet)
-                                         for i in range(workers)], "tune")
+    run_array(tune_worker, plan, total - settled(), plan.tune_dir / "slurm", spec, announce,
+              progress=lambda: f"{settled()}/{total} trials settled", what="trial(s)", status_dir=plan.results_dir)
 
 
 # --- the whole command -----------------------------------------------------------------------------
@@ -609,26 +521,27 @@ def run_tune(plan: TunePlan, spec: ExecutorSpec, final_count: int, make_reporter
              f"validation split {plan.validation_fraction:.0%} of the training set, study storage {_redact(plan.storage)}")
     interrupted = False
     if spec.kind != "local":
-        run_array(plan, spec, storage, announce)
+        run_trials_array(plan, spec, storage, announce)
     elif spec.workers > 1:
-        codes = run_workers(plan, spec.workers, quiet)
-        interrupted = any(c == 130 for c in codes)
-        if any(c not in (0, 130) for c in codes):
+        from optbench.executors import run_local_workers
+
+        codes = run_local_workers(tune_worker, plan, spec.workers, "tune", quiet)
+        interrupted = any(c == EXIT_STOPPED for c in codes)
+        if any(c not in (0, EXIT_STOPPED) for c in codes):
             announce(f"worker exit codes {codes}: finishing the study in this process")
     if not interrupted and spec.kind == "local":  # also finishes what killed --workers processes left
-        interrupted = tune_worker(plan, worker_name(), quiet=quiet)["interrupted"]
+        result = tune_worker(plan, worker_name(), quiet=quiet)
+        if result["error"]:
+            raise TuneError(result["error"])
+        interrupted = result["interrupted"]
     status = study_status(plan, storage)
     outcome = TuneOutcome(plan, status, interrupted=interrupted)
     if interrupted:
         return outcome
     unfinished = [opt for opt, (budget, _) in status.items() if not budget.done]
-    if unfinished and spec.kind != "local":
+    if unfinished:  # after a submitit array whose tasks failed (a local worker waits until every study is done)
         raise TuneError(f"the studies of {', '.join(unfinished)} are not complete after the jobs ended (see their "
                         f"logs in {plan.tune_dir / 'slurm'}); run this command again to resume them")
-    if unfinished:
-        raise TuneError(f"the studies of {', '.join(unfinished)} are not complete: trials are still running in other "
-                        "workers (journal storage has no heartbeat to detect a dead one); run this command again "
-                        "when they have finished")
     outcome.chosen = {opt: dict(best_trial(budget.settled)["params"]) for opt, (budget, _) in status.items()}
     if final_count <= 0:
         return outcome

@@ -1,6 +1,6 @@
 """What tuning did, from the study's trials and the run records they point at. Pure functions.
 
-A trial here is a plain dict, as `optbench.tune.trial_dicts` extracts it from an Optuna study:
+A trial here is a plain dict, as `trial_dicts` extracts it from an Optuna study:
 
     {"optimizer": "<name>", "number": 7, "slot": 3, "state": "COMPLETE", "value": 0.41,
      "params": {"lr": 1e-4, "weight_decay": 0.5}, "defaults": False, "config_hash": "…",
@@ -42,6 +42,22 @@ class Budget:
     @property
     def done(self) -> bool:
         return len(self.settled) == self.budget
+
+
+def trial_dicts(study, optimizer: str) -> list[dict[str, Any]]:
+    """An Optuna study's trials as the plain dicts this module reads (module docstring)."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        out.append({"optimizer": optimizer, "number": t.number, "slot": t.user_attrs.get("slot"),
+                    "state": t.state.name, "value": t.value if t.state.name == "COMPLETE" else None,
+                    "params": dict(t.params or t.system_attrs.get("fixed_params", {})),
+                    "defaults": bool(t.user_attrs.get("defaults")), "config_hash": t.user_attrs.get("config_hash"),
+                    "record": t.user_attrs.get("record"), "status": t.user_attrs.get("status"),
+                    "worker": t.user_attrs.get("worker"), "host": t.user_attrs.get("host"),
+                    "pid": t.user_attrs.get("pid"),
+                    "started": t.datetime_start.timestamp() if t.datetime_start is not None else None,
+                    "retry_history": list(t.system_attrs.get("retry_history", []))})
+    return out
 
 
 def retries_left(trial: dict[str, Any], max_retry: int | None) -> bool:

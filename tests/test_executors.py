@@ -202,3 +202,33 @@ def test_executor_options_are_checked_before_anything_runs(tmp_path: Path):
                                str(tmp_path / "r"), *extra], capture_output=True, text=True, env=_env(), timeout=120)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not list((tmp_path / "r").glob("*.json")) if (tmp_path / "r").exists() else True
+
+
+def test_an_error_ends_the_serial_the_workers_and_the_submitit_compare_alike(tmp_path: Path):
+    """attempts.py's rule: an error (here a checkpoint that cannot be loaded) ends the command with its one-line
+    message whatever the executor: the run is attempted once (before, with --workers: a worker's traceback,
+    then another worker's, then the parent's attempt), its checkpoint file is left as it was, and it gets no
+    record."""
+    from optbench.compare import plan_runs
+
+    seen = []
+    for mode in (["--threads", "1"], ["--threads", "1", "--workers", "2"],
+                 ["--threads", "1", "--workers", "2", "--executor", "submitit-local"]):
+        results = tmp_path / ("submitit" if "--executor" in mode else "workers" if "--workers" in mode else "serial")
+        broken_run = plan_runs("smoke", ["adamw", "lion"], [0], {
+            "dataset": "synthetic", "subset": 200, "test_subset": 60, "depth": 1, "batch_size": 16, "device": "cpu",
+            "epochs": 1, "threads": 1, "results_dir": str(results)})[0]
+        broken = results / "checkpoints" / f"{broken_run.config_hash}.pt"
+        broken.parent.mkdir(parents=True)
+        broken.write_bytes(b"not a checkpoint at all")
+        done = subprocess.run([sys.executable, "-m", "optbench", "compare", *TINY_CLI, "--results-dir", str(results),
+                               "--optimizers", "adamw,lion", "--seeds", "0", "--epochs", "1", *mode],
+                              capture_output=True, text=True, env={**_env(), "COLUMNS": "250"}, timeout=600)
+        out = done.stdout + done.stderr
+        assert "Traceback" not in out, out[-3000:]
+        assert broken.read_bytes() == b"not a checkpoint at all"
+        assert broken_run.config_hash not in {r["config_hash"] for r in records(results)}
+        seen.append((done.returncode, [line.replace(str(results), "RESULTS") for line in out.splitlines()
+                                       if "cannot be loaded" in line]))
+    assert seen[0] == seen[1] == seen[2], seen
+    assert seen[0][0] == 1 and len(seen[0][1]) == 1 and seen[0][1][0].startswith("error:"), seen

@@ -180,6 +180,30 @@ def test_tuning_table_recomputes_from_the_records(tuned):
             sum(r["train_wall_time_s"] + r["eval_wall_time_s"] for r in mine))
 
 
+def show_status(results: Path, *extra: str) -> str:
+    result = CliRunner().invoke(app, ["status", str(results), *extra], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_status_shows_a_tune_folder_and_never_changes_its_study(tuned):
+    results, _ = tuned
+    study_file = results / "tune" / "optuna.sqlite3"
+    before = (study_file.read_bytes(), study_file.stat().st_mtime_ns)
+    shown = show_status(results)
+    assert (study_file.read_bytes(), study_file.stat().st_mtime_ns) == before  # read only
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
+            for line in shown.splitlines() if line.count("│") == 9}  # the studies table: 8 columns
+    for opt in ("adamw", "lion"):  # optimizer, budget, complete, running, waiting, failed, pruned, detail
+        assert rows[opt][:7] == [opt, "3", "3/3", "0", "0", "0", "0"], shown
+    assert "6/6 trials settled" in shown
+    assert "4 finished" in shown  # the defaults' final runs: 2 optimizers x 2 seeds, compare's runs in RESULTS
+    finals = sorted((results / "tune").glob("final-*"))
+    for folder in finals:  # the tuned settings' final runs, where tuning changed an optimizer's setting
+        assert f"final runs of the tuned settings in {folder}" in " ".join(shown.split())
+    assert shown == show_status(results / "tune")  # the tune folder itself names the same
+
+
 def test_a_second_tune_reuses_every_trial_and_run(tuned):
     results, _ = tuned
     before = sorted(p.name for p in results.rglob("*.json"))
@@ -276,6 +300,29 @@ def test_killed_tune_resumes_to_exactly_the_budget(tmp_path: Path):
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert_killed_trial_was_retried_and_resumed(plan, default_storage(results), killed)
+
+
+def test_a_sigkilled_worker_on_journal_storage_is_retried_through_its_run_lock(tmp_path: Path):
+    """Optuna's journal storage has no heartbeat: the killed worker's trial stays RUNNING (status says its
+    worker is gone, without touching the journal) until the next tune finds its run's lock stale (holder dead
+    on this host), fails it and re-queues it, spending one retry as the heartbeat does, and the retry resumes
+    the run from its checkpoint. Before, the second tune stopped and said to run it again."""
+    results, journal = tmp_path / "results", tmp_path / "shared" / "journal.log"
+    url = f"journal:{journal}"
+    plan = plan_for(results, optimizers=("adamw",), epochs=8, storage=url)
+    proc = start_tune(results, "--storage", url, "--optimizers", "adamw")
+    killed = kill_mid_trial(proc, plan, url)
+    trials = studies(plan, open_storage(url))["adamw"]
+    assert next(t for t in trials if t["number"] == killed["number"])["state"] == "RUNNING"
+    before = journal.read_bytes()
+    shown = show_status(results)
+    assert journal.read_bytes() == before  # status never writes to a study
+    assert "1 lost (worker gone): the next tune re-queues it" in " ".join(shown.split()), shown
+    again = start_tune(results, "--storage", url, "--optimizers", "adamw")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert_killed_trial_was_retried_and_resumed(plan, url, killed)
+    assert "3/3 trials settled" in show_status(results)
 
 
 def _free_port() -> int:
