@@ -1,13 +1,15 @@
 """How long planned runs will take on this machine, from a few real training steps timed here.
 
 Used before a long CPU run starts (CIFAR on a CPU: hours), so the user can decide knowing the cost.
-Per optimizer in the plan: the run's own model, optimizer, batch size, precision and data; one untimed
-step (lazy optimizer state, first-call overheads), then two timed plain steps and, for an optimizer with
+Per optimizer in the plan: the run's own model, optimizer and schedule, made by the run's own builder
+(experiment.build_training), its batch size, precision and data (a trial's: the training split minus its
+validation share); one untimed step (lazy optimizer state, first-call overheads), then two timed plain steps and, for an optimizer with
 Hessian steps (Sophia), one timed Hessian step, weighted by the entry's `hessian_period` as in training. A small
 evaluation batch is timed and scaled to the test split. The planned steps and evaluations of every run
 are then multiplied out. Each step is a real step (on a loaded 2-core CPU, ViT-Tiny at batch 128 takes
 seconds per step), so the estimate itself takes a minute or more there; it is small beside the hours.
-Set-up (data loading, memory probe, FLOP count) is not included. Random streams are left as they were.
+Set-up (data loading, memory probe, FLOP count) is not included, and the steps run eager even for a
+--compile run (compiling for a few steps would cost minutes). Random streams are left as they were.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from statistics import mean
 
 import torch
 
-from optbench.config import RunConfig, resolved_warmup_steps
+from optbench.config import RunConfig
 from optbench.data import ImageData, steps_per_epoch, train_batches
-from optbench.models import build_model
-from optbench.optimizers import BuildContext, get_entry
-from optbench.train import autocast_for, training_step
+from optbench.experiment import build_training, training_data
+from optbench.optimizers import get_entry
+from optbench.train import training_step
 
 LONG_ON_CPU = ("cifar10", "cifar100")  # datasets whose full runs take hours on a CPU
 EVAL_IMAGES_TIMED = 64
@@ -61,23 +63,21 @@ class PlanEstimate:
 
 def _pace(config: RunConfig, data: ImageData, plain_steps: int) -> OptimizerPace:
     entry = get_entry(config.optimizer)
-    device = torch.device(config.device)
-    model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
-    total = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
-    context = BuildContext(device_type=device.type, total_steps=total,
-                           warmup_steps=resolved_warmup_steps(config.warmup_steps, total))
-    optimizer = entry.make(model, config.hparams, context).optimizer
-    amp = autocast_for(device, config.precision)
+    data = training_data(config, data)  # a tuning trial trains on the training split minus its validation share
+    setup = build_training(config, entry, data, torch.device(config.device))  # what the run builds, built as it does
+    model, optimizer, scheduler, amp = setup.model, setup.built.optimizer, setup.scheduler, setup.amp
     model.train()
     entry.train_mode(optimizer)
     batches = _endless_batches(data, config)
     times: dict[bool, list[float]] = {False: [], True: []}  # Hessian step? -> seconds
 
-    def step(timed: bool) -> None:
+    def step(timed: bool) -> None:  # as the loop steps (optbench/train.py), without its bookkeeping
         x, y = next(batches)
         hessian = entry.hessian_due(optimizer)
         start = time.perf_counter()
         training_step(model, optimizer, entry, x, y, amp, hessian)
+        if scheduler is not None:
+            scheduler.step()
         if timed:
             times[hessian].append(time.perf_counter() - start)
 

@@ -32,7 +32,7 @@ from optbench.timing import DOES_NOT_STAND as TIMING_DOES_NOT_STAND
 from optbench.timing import STANDS as TIMING_STANDS
 from optbench.timing import assess as assess_timing
 from optbench.timing import epoch_spread, epoch_times
-from optbench.optimizers import BuildContext, RunSettings, get_entry, library_versions
+from optbench.optimizers import Built, BuildContext, OptimizerEntry, RunSettings, get_entry, library_versions
 from optbench.setup_cache import cached, flops_key, probe_key
 from optbench.records import (SCHEMA_VERSION, ensure_writable, find_finished, record_filename, utc_now,
                               write_record_or_fallback)
@@ -219,6 +219,44 @@ def _build_optimizer(entry, model, hparams, context):
 
 
 @dataclass
+class TrainingSetup:
+    """What a run trains: its model, the optimizer the registry built for it, the schedule, the steps."""
+
+    model: torch.nn.Module
+    built: Built  # the registry entry's build: the optimizer and its implementation facts
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None
+    context: BuildContext
+    epoch_steps: int
+    total_steps: int
+    warmup: int
+    amp: Any  # the autocast context of the run's precision
+
+
+def build_training(config: RunConfig, entry: OptimizerEntry, data: ImageData, device: torch.device) -> TrainingSetup:
+    """The model, optimizer and schedule of `config` for `data` (the split it trains on), on `device`.
+    The one builder of what a run trains: the run and the CPU time estimate (optbench/estimate.py) both
+    call it, so the estimate times what the run will train."""
+    model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
+    epoch_steps = steps_per_epoch(data.train_x.shape[0], config.batch_size)
+    total_steps = config.epochs * epoch_steps
+    warmup = resolved_warmup_steps(config.warmup_steps, total_steps)
+    context = BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup)
+    built = _build_optimizer(entry, model, config.hparams, context)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(built.optimizer, warmup_cosine(total_steps, warmup))
+                 if entry.external_schedule else None)
+    return TrainingSetup(model, built, scheduler, context, epoch_steps, total_steps, warmup,
+                         autocast_for(device, config.precision))
+
+
+def training_data(config: RunConfig, data: ImageData) -> ImageData:
+    """The splits `config` trains and evaluates on: a tuning trial's (validation_fraction) hold out its
+    validation split from the training images and never see the test split; any other run's are `data`."""
+    if config.validation_fraction:
+        return holdout_validation(data, config.validation_fraction, config.validation_seed)
+    return data
+
+
+@dataclass
 class RunClaim:
     """What claiming a run gave: the run's lock to train under, or (lock None) its finished record."""
 
@@ -356,27 +394,19 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
     reporter.phase(f"loading {config.dataset}")
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
-    validation = bool(config.validation_fraction)
-    if validation:  # a tuning trial: from here on the test split is gone, the validation split is evaluated
-        data = holdout_validation(data, config.validation_fraction, config.validation_seed)
+    validation = bool(config.validation_fraction)  # a tuning trial: from here on the test split is gone
+    data = training_data(config, data)
     if before_training is not None:
         before_training(data)
     data = data.to(device)
     setup_step_done()
-    model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth).to(device)
-    epoch_steps = steps_per_epoch(data.train_x.shape[0], config.batch_size)
-    total_steps = config.epochs * epoch_steps
-    warmup = resolved_warmup_steps(config.warmup_steps, total_steps)
-    context = BuildContext(device_type=device.type, total_steps=total_steps, warmup_steps=warmup)
-    built = _build_optimizer(entry, model, config.hparams, context)
-    optimizer = built.optimizer
+    setup = build_training(config, entry, data, device)
+    model, built, scheduler, context, amp = setup.model, setup.built, setup.scheduler, setup.context, setup.amp
+    optimizer, epoch_steps, total_steps, warmup = built.optimizer, setup.epoch_steps, setup.total_steps, setup.warmup
     for group in built.implementation["param_groups"]:
         if not group["tensors"]:  # e.g. Muon on a ResNet: its convolutions are 4-D, the head goes to AdamW
             reporter.warn(f"{entry.title}: its parameter group '{group['role']}' holds no parameter of "
                           f"{config.model}, so that part of the optimizer never runs")
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
-                 if entry.external_schedule else None)
-    amp = autocast_for(device, config.precision)
     if saved:  # before any of it is used: a checkpoint that is not this run's is refused, not half-loaded
         check_checkpoint(ckpt_path, saved, optimizer_name=config.optimizer, model=model, optimizer=optimizer,
                          scheduler=scheduler, total_steps=total_steps, steps_per_epoch=epoch_steps,

@@ -215,6 +215,35 @@ def test_the_estimate_times_real_steps_with_sophias_hessian_at_its_cadence(tmp_p
     assert estimate.seconds == pytest.approx(expected) and estimate.seconds > 0
 
 
+def test_the_estimate_times_what_the_run_trains(tmp_path, monkeypatch):
+    """A tuning trial (a validation share held out): the estimate's model, optimizer and schedule come
+    from the run's own builder on the run's own split: same initial weights, same optimizer
+    implementation, same planned steps (the training split minus the validation share) as the run."""
+    import optbench.estimate as estimate
+    import optbench.experiment as experiment
+    from optbench.data import load_dataset
+    from tests.conftest import tiny_config
+
+    built = []
+    real_build = experiment.build_training
+
+    def build_training(config, entry, data, device):
+        setup = real_build(config, entry, data, device)
+        built.append((experiment.weights_digest(setup.model), setup.built.implementation, setup.total_steps,
+                      type(setup.scheduler).__name__))
+        return setup
+
+    monkeypatch.setattr(experiment, "build_training", build_training)
+    monkeypatch.setattr(estimate, "build_training", build_training)
+    config = tiny_config("adamw", tmp_path / "results", epochs=1, validation_fraction=0.1, memory_probe=False)
+    estimate.estimate_plan([config], load_dataset("synthetic", subset=200, test_subset=60))
+    record, _ = experiment.run_experiment(config)
+    assert record["status"] == "ok" and len(built) == 2
+    assert built[0] == built[1], built
+    # 200 images, 20 held out for validation: 180 at batch 16 is 12 steps, not the 13 of all 200
+    assert built[0][2] == record["total_steps_planned"] == 12 and built[0][3] == "LambdaLR"
+
+
 def test_a_cifar_tune_on_a_cpu_counts_every_trial_and_final_run(tmp_path, skip_md5_only):
     write_tiny_cifar(tmp_path / "data", "cifar10")
     results = tmp_path / "results"
