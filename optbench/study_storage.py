@@ -75,10 +75,23 @@ def _redact(url: str) -> str:
     return url
 
 
+class _TrialFailureLines(logging.Filter):
+    """Optuna logs a failed trial in two warnings, one with the exception's traceback. `tune` reports every
+    failure itself (attempts.py): a stop re-queues the trial, an error is the command's one-line message,
+    and any other exception is raised again with its traceback; so these two lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (record.name == "optuna.study._optimize" and message.startswith("Trial ") and " failed with " in message)
+
+
 def _quiet_optuna() -> None:
     import optuna
 
     optuna.logging.set_verbosity(logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _TrialFailureLines) for f in handler.filters):
+            handler.addFilter(_TrialFailureLines())
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     warnings.filterwarnings("ignore", message=".*balance properties of Sobol.*")

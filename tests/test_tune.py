@@ -377,6 +377,39 @@ def test_two_workers_on_postgresql_share_the_study_and_survive_a_sigkill(tmp_pat
     assert retry["worker"] == survivor  # the other worker finished the killed trial
 
 
+def test_an_error_ends_the_serial_and_the_workers_tune_alike(tmp_path: Path):
+    """attempts.py's rule for trials: an error (the defaults' trial run has a checkpoint that cannot be loaded)
+    ends `tune` with its one-line message, in this process and with --workers 2 alike: the trial is failed
+    and re-queued once (one retry spent, none more), the file is left as it was, and no record is written.
+    Before, a worker printed a traceback and the parent tried the trial again, spending a second retry."""
+    from optbench.tune import trial_config
+
+    seen = []
+    for mode in ([], ["--workers", "2"]):
+        results = tmp_path / ("workers" if mode else "serial")
+        plan = make_plan("smoke", ["adamw", "lion"], {
+            "dataset": "synthetic", "depth": 1, "batch_size": 16, "subset": 200, "test_subset": 60, "device": "cpu",
+            "epochs": 2, "threads": 1, "results_dir": str(results)}, "grid", 2, 1000, 0.1, None)
+        broken_hash = trial_config(plan.studies[0].base, plan.studies[0].defaults).config_hash
+        broken = plan.trials_dir / "checkpoints" / f"{broken_hash}.pt"
+        broken.parent.mkdir(parents=True)
+        broken.write_bytes(b"not a checkpoint at all")
+        done = subprocess.run([sys.executable, "-m", "optbench.cli", "tune", *WORKLOAD, "--optimizers", "adamw,lion",
+                               "--trials", "2", "--final-seeds", "0", "--epochs", "2", "--threads", "1", "--results-dir",
+                               str(results), *mode], capture_output=True, text=True,
+                              env={**_env(), "COLUMNS": "250"}, timeout=600)
+        out = done.stdout + done.stderr
+        assert "Traceback" not in out, out[-3000:]
+        assert broken.read_bytes() == b"not a checkpoint at all"
+        assert broken_hash not in {r["config_hash"] for r in load_records(plan.trials_dir).records}
+        trials = [t for t in studies(plan)["adamw"] if t["config_hash"] == broken_hash or t["slot"] == 0]
+        seen.append((done.returncode, [line.replace(str(results), "RESULTS") for line in out.splitlines()
+                                       if "cannot be loaded" in line],
+                     max(len(t["retry_history"]) for t in trials)))
+    assert seen[0] == seen[1], seen
+    assert seen[0][0] == 1 and len(seen[0][1]) == 1 and seen[0][1][0].startswith("error:") and seen[0][2] == 1, seen
+
+
 def test_workers_option_spawns_processes_that_share_the_study(tmp_path: Path):
     results = tmp_path / "results"
     args = [sys.executable, "-m", "optbench.cli", "tune", *WORKLOAD, "--optimizers", "adamw,lion", "--trials", "2",
