@@ -282,19 +282,16 @@ CEILING_STEP = '''
 import json, time, torch
 from torch.profiler import profile, ProfilerActivity
 torch.set_num_threads(1)
-from optbench.config import resolve_config, resolved_warmup_steps
-from optbench.data import load_dataset, steps_per_epoch, train_batches
-from optbench.models import build_model
-from optbench.optimizers import BuildContext, get_entry
-from optbench.train import autocast_for, training_step
+from optbench.config import resolve_config
+from optbench.data import load_dataset, train_batches
+from optbench.experiment import build_training
+from optbench.optimizers import get_entry
+from optbench.train import training_step
 config = resolve_config("adamw", "smoke")
 data = load_dataset(config.dataset, DATA_DIR)
-model = build_model(config.model, data.spec, config.seed, config.patch_size, config.depth)
-total = config.epochs * steps_per_epoch(data.train_x.shape[0], config.batch_size)
 entry = get_entry(config.optimizer)
-optimizer = entry.make(model, config.hparams, BuildContext(device_type="cpu", total_steps=total,
-                       warmup_steps=resolved_warmup_steps(config.warmup_steps, total))).optimizer
-amp = autocast_for(torch.device("cpu"), config.precision)
+built = build_training(config, entry, data, torch.device("cpu"))  # what the run trains, from the run's own builder
+model, optimizer, amp, total = built.model, built.built.optimizer, built.amp, built.total_steps
 batches = list(train_batches(data, config.batch_size, config.seed, 1, config.augment))
 model.train()
 def steps(n):
