@@ -111,17 +111,74 @@ SLURM_SBATCH_OPTION = typer.Option([], "--slurm-sbatch", help="extra sbatch sett
                                    "(repeatable)")
 
 
-def executor_spec(executor: str, workers: int, partition: str | None, gpus_per_task: int | None,
-                  cpus_per_task: int | None, time_min: int | None, array_parallelism: int | None,
-                  sbatch: list[str]) -> Any:
-    """The checked ExecutorSpec of the executor options (cluster.yaml's slurm section under the --slurm-* ones)."""
+# compare's and tune's workload options (run's say more about its defaults): one definition each
+PRESET_OPTION = typer.Option("smoke", help="workload preset from optbench/configs/presets (smoke, cifar10, homework, ...)")
+DATASET_OPTION = typer.Option(None, help="override the preset's dataset")
+EPOCHS_OPTION = typer.Option(None, help="override the preset's epochs (matched for all)")
+BATCH_SIZE_OPTION = typer.Option(None, help="override the preset's batch size")
+DEPTH_OPTION = typer.Option(None, help="override the ViT depth (ViTs only)")
+PRECISION_OPTION = typer.Option(None, help="auto, fp32 or bf16")
+DATA_DIR_OPTION = typer.Option(None, help="folder holding the datasets")
+# ... and those run shares with them
+SUBSET_OPTION = typer.Option(None, help="train on a fixed class-balanced subset of N images")
+TEST_SUBSET_OPTION = typer.Option(None, help="evaluate on a fixed class-balanced subset")
+MODEL_OPTION = typer.Option(None, help=MODEL_HELP)
+DEVICE_OPTION = typer.Option(None, help="auto, cpu or cuda")
+DOWNLOAD_OPTION = typer.Option(None, "--download/--no-download", help="download missing datasets")
+THREADS_OPTION = typer.Option(None, help=THREADS_HELP)
+YES_OPTION = typer.Option(False, "--yes", "-y", help=YES_HELP)
+TRACK_URI_OPTION = typer.Option(None, "--track-uri", help=TRACK_URI_HELP)
+# The workload options as compare and tune pass them on (config overrides; None: the preset's).
+WORKLOAD_OPTIONS = ("dataset", "epochs", "batch_size", "subset", "test_subset", "model", "depth", "device",
+                    "precision", "data_dir", "download")
+
+# the report's options, in compare, tune and report
+MARGIN_OPTION = typer.Option(1.0, help="accuracy non-inferiority margin of the statistical reading, in "
+                             "percentage points (0: a superiority-or-equal test)")
+STRICT_OPTION = typer.Option(False, "--strict", help="exit 4 unless the memory criterion and the accuracy "
+                             "reading(s) chosen by --rule pass")
+RULE_OPTION = typer.Option("both", help="accuracy reading --strict enforces: literal (the course's rule as "
+                           "written: mean accuracy >= AdamW's), statistical (non-inferiority within --margin, "
+                           "95% lower bound) or both")
+
+
+def executor_spec(options: dict[str, Any]) -> Any:
+    """The checked ExecutorSpec of compare's and tune's executor options (`options`: the command's
+    parameters; cluster.yaml's slurm section under the --slurm-* ones)."""
     from optbench.executors import ExecutorSpec, slurm_spec
 
-    spec = ExecutorSpec(executor, workers, slurm_spec(executor, dict(
-        partition=partition, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task, time_min=time_min,
-        array_parallelism=array_parallelism, sbatch=tuple(parse_opt_args(sbatch, "--slurm-sbatch").items()))))
+    executor = options["executor"]
+    spec = ExecutorSpec(executor, options["workers"], slurm_spec(executor, dict(
+        partition=options["slurm_partition"], gpus_per_task=options["slurm_gpus_per_task"],
+        cpus_per_task=options["slurm_cpus_per_task"], time_min=options["slurm_time_min"],
+        array_parallelism=options["slurm_array_parallelism"],
+        sbatch=tuple(parse_opt_args(options["slurm_sbatch"], "--slurm-sbatch").items()))))
     spec.check()
     return spec
+
+
+def workload_overrides(options: dict[str, Any], spec: Any, results_dir: str) -> dict[str, Any]:
+    """compare's and tune's workload options (`options`: the command's parameters) as config overrides,
+    with the results folder and the threads each run gets from `spec`'s executor."""
+    from optbench.executors import plan_threads
+
+    return run_overrides(**{name: options[name] for name in WORKLOAD_OPTIONS}, results_dir=results_dir,
+                         threads=plan_threads(spec, options["threads"]))
+
+
+def checked_margin(margin: float, rule: str = "both") -> float:
+    """--margin as a fraction, with --rule checked too: bad input ends in one line (exit 1) before anything
+    runs or is read."""
+    from optbench.analysis import RULES
+    from optbench.config import margin_fraction
+
+    try:
+        fraction = margin_fraction(margin)
+    except OptbenchError as exc:
+        fail(str(exc), exc.exit_code)
+    if rule not in RULES:
+        fail(f"--rule must be one of {', '.join(RULES)}, got '{rule}'")
+    return fraction
 
 
 def run_overrides(**kwargs: Any) -> dict[str, Any]:
@@ -140,23 +197,23 @@ def run(
     weight_decay: Optional[float] = typer.Option(None, help="weight decay (default: the course value)"),
     opt: list[str] = typer.Option([], "--opt", help="other optimizer hyperparameter, KEY=VALUE (repeatable)"),
     seed: Optional[int] = typer.Option(None, help="seed for weights, batch order and augmentation"),
-    subset: Optional[int] = typer.Option(None, help="train on a fixed class-balanced subset of N images"),
-    test_subset: Optional[int] = typer.Option(None, help="evaluate on a fixed class-balanced subset"),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    subset: Optional[int] = SUBSET_OPTION,
+    test_subset: Optional[int] = TEST_SUBSET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
     depth: Optional[int] = typer.Option(None, help="override the ViT depth (smaller = faster, not ViT-Tiny)"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
+    device: Optional[str] = DEVICE_OPTION,
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16"),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model"),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    threads: Optional[int] = THREADS_OPTION,
     data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets (default ./data)"),
-    download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
+    download: Optional[bool] = DOWNLOAD_OPTION,
     results_dir: Optional[str] = typer.Option(None, help="where run records go (default results/PRESET)"),
     resume: bool = typer.Option(False, "--resume", help="continue this run from its checkpoint, if it has one"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config as JSON and stop"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output (warnings and errors only)"),
-    yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
+    yes: bool = YES_OPTION,
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
-    track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
+    track_uri: Optional[str] = TRACK_URI_OPTION,
 ) -> None:
     """Train a model (ViT-Tiny unless --model says otherwise) with one optimizer and write a run record."""
     from optbench.config import resolve_config
@@ -205,35 +262,32 @@ def _csv_list(text: str, what: str, cast=str) -> list:
 
 @app.command()
 def compare(
-    preset: str = typer.Option("smoke", help="workload preset from optbench/configs/presets (smoke, cifar10, homework, ...)"),
+    ctx: typer.Context,
+    preset: str = PRESET_OPTION,
     optimizers: Optional[str] = typer.Option(None, help="comma-separated optimizers, or 'all' (default: the course's "
                                              "four, adamw,lion,sophia,schedulefree)"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds (default: the preset's)"),
-    dataset: Optional[str] = typer.Option(None, help="override the preset's dataset"),
-    epochs: Optional[int] = typer.Option(None, help="override the preset's epochs (matched for all)"),
-    batch_size: Optional[int] = typer.Option(None, help="override the preset's batch size"),
-    subset: Optional[int] = typer.Option(None, help="train on a fixed class-balanced subset of N images"),
-    test_subset: Optional[int] = typer.Option(None, help="evaluate on a fixed class-balanced subset"),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    depth: Optional[int] = typer.Option(None, help="override the ViT depth (ViTs only)"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16"),
-    data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets"),
-    download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
+    dataset: Optional[str] = DATASET_OPTION,
+    epochs: Optional[int] = EPOCHS_OPTION,
+    batch_size: Optional[int] = BATCH_SIZE_OPTION,
+    subset: Optional[int] = SUBSET_OPTION,
+    test_subset: Optional[int] = TEST_SUBSET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    depth: Optional[int] = DEPTH_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    precision: Optional[str] = PRECISION_OPTION,
+    data_dir: Optional[str] = DATA_DIR_OPTION,
+    download: Optional[bool] = DOWNLOAD_OPTION,
     results_dir: Optional[str] = typer.Option(None, help="where records and the report go (default results/PRESET)"),
     rerun: bool = typer.Option(False, "--rerun", help="run again even where a finished record exists"),
-    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin of the statistical reading, in "
-                                 "percentage points (0: a superiority-or-equal test)"),
-    strict: bool = typer.Option(False, "--strict", help="exit 4 unless the memory criterion and the accuracy "
-                                "reading(s) chosen by --rule pass"),
-    rule: str = typer.Option("both", help="accuracy reading --strict enforces: literal (the course's rule as "
-                             "written: mean accuracy >= AdamW's), statistical (non-inferiority within --margin, "
-                             "95% lower bound) or both"),
+    margin: float = MARGIN_OPTION,
+    strict: bool = STRICT_OPTION,
+    rule: str = RULE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
-    yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
+    yes: bool = YES_OPTION,
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP),
-    track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    track_uri: Optional[str] = TRACK_URI_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
     executor: str = EXECUTOR_OPTION,
     workers: int = WORKERS_OPTION,
     slurm_partition: Optional[str] = SLURM_PARTITION_OPTION,
@@ -245,11 +299,11 @@ def compare(
 ) -> None:
     """Run every optimizer x seed on one workload (reusing finished runs) and report the comparison."""
     from optbench.compare import data_key, plan_runs, runs_to_train
-    from optbench.config import margin_fraction, preset_seeds
+    from optbench.config import preset_seeds
     from optbench.data import load_dataset
     from optbench.estimate import needs_confirmation
     from optbench.console import RichReporter, console, show_report
-    from optbench.executors import Grid, execute, plan_threads
+    from optbench.executors import Grid, execute
     from optbench.records import utc_now
     from optbench.tracking import check_trackers, reporter_factory
 
@@ -261,16 +315,11 @@ def compare(
         seed_list = _csv_list(seeds, "--seeds", int) if seeds else preset_seeds(preset)
         if any(not 0 <= s < 2**31 for s in seed_list):
             fail("--seeds must be whole numbers in [0, 2**31)")
-        margin_frac = margin_fraction(margin)
-        _check_rule(rule)
-        spec = executor_spec(executor, workers, slurm_partition, slurm_gpus_per_task, slurm_cpus_per_task,
-                             slurm_time_min, slurm_array_parallelism, slurm_sbatch)
+        margin_frac = checked_margin(margin, rule)
+        spec = executor_spec(ctx.params)
         since = utc_now()
-        configs = plan_runs(preset, names, seed_list, run_overrides(
-            dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
-            model=model, depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
-            results_dir=results, threads=plan_threads(spec, threads)), elsewhere=spec.kind == "slurm",
-            target_device=spec.target_device(device))
+        configs = plan_runs(preset, names, seed_list, workload_overrides(ctx.params, spec, results),
+                            elsewhere=spec.kind == "slurm", target_device=spec.target_device(device))
         trackers = check_trackers(track, track_uri)
         make_reporter = reporter_factory(lambda c: RichReporter(f"{c.optimizer} s{c.seed}", quiet=quiet),
                                          trackers, track_uri)
@@ -293,13 +342,6 @@ def compare(
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     _enforce_strict(report, strict, rule)
-
-
-def _check_rule(rule: str) -> None:
-    from optbench.analysis import RULES
-
-    if rule not in RULES:
-        fail(f"--rule must be one of {', '.join(RULES)}, got '{rule}'")
 
 
 def _enforce_strict(report: Any, strict: bool, rule: str) -> None:
@@ -335,7 +377,8 @@ def _confirm_long_tune(plan: Any, final_seeds: int, yes: bool) -> None:
 
 @app.command()
 def tune(
-    preset: str = typer.Option("smoke", help="workload preset from optbench/configs/presets (smoke, cifar10, homework, ...)"),
+    ctx: typer.Context,
+    preset: str = PRESET_OPTION,
     optimizers: str = typer.Option("adamw,lion,sophia,schedulefree", help="comma-separated optimizers"),
     trials: int = typer.Option(12, help="trials per optimizer, the same for all (trial 1 is the defaults)"),
     space: str = typer.Option("grid", help="grid (the YAML grids, 12 points) or sobol (one seeded scrambled "
@@ -348,26 +391,25 @@ def tune(
                                                       "RESULTS/tune/optuna.sqlite3; not with --executor slurm), "
                                                       "postgresql://USER@HOST/DB, journal:PATH"),
     heartbeat: int = typer.Option(10, help="seconds between a trial's heartbeats; silent for 3x this, it is retried"),
-    dataset: Optional[str] = typer.Option(None, help="override the preset's dataset"),
-    epochs: Optional[int] = typer.Option(None, help="override the preset's epochs (matched for all)"),
-    batch_size: Optional[int] = typer.Option(None, help="override the preset's batch size"),
-    subset: Optional[int] = typer.Option(None, help="train on a fixed class-balanced subset of N images"),
-    test_subset: Optional[int] = typer.Option(None, help="evaluate on a fixed class-balanced subset"),
-    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    depth: Optional[int] = typer.Option(None, help="override the ViT depth (ViTs only)"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda"),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16"),
-    data_dir: Optional[str] = typer.Option(None, help="folder holding the datasets"),
-    download: Optional[bool] = typer.Option(None, "--download/--no-download", help="download missing datasets"),
+    dataset: Optional[str] = DATASET_OPTION,
+    epochs: Optional[int] = EPOCHS_OPTION,
+    batch_size: Optional[int] = BATCH_SIZE_OPTION,
+    subset: Optional[int] = SUBSET_OPTION,
+    test_subset: Optional[int] = TEST_SUBSET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    depth: Optional[int] = DEPTH_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
+    precision: Optional[str] = PRECISION_OPTION,
+    data_dir: Optional[str] = DATA_DIR_OPTION,
+    download: Optional[bool] = DOWNLOAD_OPTION,
     results_dir: Optional[str] = typer.Option(None, help="where records, the study and reports go (default "
                                                           "results/PRESET)"),
-    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin of the statistical reading, in "
-                                 "percentage points (0: a superiority-or-equal test)"),
+    margin: float = MARGIN_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     track: list[str] = typer.Option([], "--track", help=TRACK_HELP + "; trials and final runs alike"),
-    track_uri: Optional[str] = typer.Option(None, "--track-uri", help=TRACK_URI_HELP),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    yes: bool = typer.Option(False, "--yes", "-y", help=YES_HELP),
+    track_uri: Optional[str] = TRACK_URI_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
+    yes: bool = YES_OPTION,
     executor: str = EXECUTOR_OPTION,
     workers: int = WORKERS_OPTION,
     slurm_partition: Optional[str] = SLURM_PARTITION_OPTION,
@@ -378,10 +420,9 @@ def tune(
     slurm_sbatch: list[str] = SLURM_SBATCH_OPTION,
 ) -> None:
     """Tune every optimizer with the same budget on a validation split, then compare on fresh seeds."""
-    from optbench.config import margin_fraction, preset_seeds
+    from optbench.config import preset_seeds
     from optbench.console import RichReporter, console, show_tuning
     from optbench.tracking import check_trackers, reporter_factory
-    from optbench.executors import plan_threads
     from optbench.tune import make_plan, run_tune
     from optbench.tune_report import build_tuning_report
 
@@ -390,17 +431,13 @@ def tune(
         fail("--final-seeds must be 0 or more")
     results = results_dir or f"results/{preset}"
     try:
-        margin_frac = margin_fraction(margin)
+        margin_frac = checked_margin(margin)
         if not 0 <= seed < 2**31:
             fail("--seed must be a whole number in [0, 2**31)")
-        spec = executor_spec(executor, workers, slurm_partition, slurm_gpus_per_task, slurm_cpus_per_task,
-                             slurm_time_min, slurm_array_parallelism, slurm_sbatch)
+        spec = executor_spec(ctx.params)
         trackers = check_trackers(track, track_uri)  # a missing extra fails before the study is made
-        plan = make_plan(preset, names, run_overrides(
-            dataset=dataset, epochs=epochs, batch_size=batch_size, subset=subset, test_subset=test_subset,
-            model=model, depth=depth, device=device, precision=precision, data_dir=data_dir, download=download,
-            results_dir=results, threads=plan_threads(spec, threads)), space, trials,
-            seed, validation, storage, heartbeat, spec.target_device(device))
+        plan = make_plan(preset, names, workload_overrides(ctx.params, spec, results), space, trials,
+                         seed, validation, storage, heartbeat, spec.target_device(device))
         plan = dataclasses.replace(plan, track=tuple(trackers), track_uri=track_uri)
         if spec.kind != "slurm":  # on SLURM the runs train on other machines: this one's pace says nothing
             _confirm_long_tune(plan, final_seeds, yes)
@@ -497,27 +534,21 @@ def report(
                                                  "default: the folder under ./results holding the newest record)"),
     workload: Optional[str] = typer.Option(None, help="workload id, when the folder holds several"),
     out: Optional[Path] = typer.Option(None, help="where to write tables and figures (default RESULTS_DIR)"),
-    margin: float = typer.Option(1.0, help="accuracy non-inferiority margin of the statistical reading, in "
-                                 "percentage points (0: a superiority-or-equal test)"),
-    strict: bool = typer.Option(False, "--strict", help="exit 4 unless the memory criterion and the accuracy "
-                                "reading(s) chosen by --rule pass"),
-    rule: str = typer.Option("both", help="accuracy reading --strict enforces: literal (the course's rule as "
-                             "written: mean accuracy >= AdamW's), statistical (non-inferiority within --margin, "
-                             "95% lower bound) or both"),
+    margin: float = MARGIN_OPTION,
+    strict: bool = STRICT_OPTION,
+    rule: str = RULE_OPTION,
     diagnostics: bool = typer.Option(False, "--diagnostics", help="also plot the optimizer diagnostics recorded "
                                      "in the runs (gradient norm, update size, Sophia's clipping, ...)"),
     html: bool = typer.Option(False, "--html", help="also write one self-contained HTML page to hand in: table, "
                               "verdicts and why, figures embedded, config, hyperparameters, seeds, versions, device"),
 ) -> None:
     """Redraw the comparison table, criteria and figures from existing run records, without training."""
-    from optbench.config import margin_fraction
     from optbench.console import console, show_report
     from optbench.records import latest_results_dir, load_records
     from optbench.report import build_report
 
-    _check_rule(rule)
+    margin_frac = checked_margin(margin, rule)  # before reading anything, as compare does
     try:
-        margin_frac = margin_fraction(margin)  # before reading anything, as compare does
         if results_dir is None:
             latest = latest_results_dir()
             results_dir = latest.directory
