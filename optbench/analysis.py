@@ -154,6 +154,14 @@ def optimizer_order(names: list[str]) -> list[str]:
     return known + sorted(n for n in names if n not in known)
 
 
+def by_optimizer(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The records grouped by optimizer, in `optimizer_order`."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(rec["optimizer"], []).append(rec)
+    return {name: groups[name] for name in optimizer_order(list(groups))}
+
+
 def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per optimizer. Means over the seeds whose run finished (status ok); std with >= 2 seeds.
 
@@ -163,11 +171,7 @@ def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     relative to AdamW: acc_diff (fraction points), time_ratio, peak_saving, state_saving (1 - x/AdamW).
     """
     rows = []
-    by_opt: dict[str, list[dict[str, Any]]] = {}
-    for rec in records:
-        by_opt.setdefault(rec["optimizer"], []).append(rec)
-    for opt in optimizer_order(list(by_opt)):
-        runs = by_opt[opt]
+    for opt, runs in by_optimizer(records).items():
         ok = [r for r in runs if r["status"] == "ok"]
         sources = sorted({r.get("peak_memory_source") or "unknown" for r in ok})
         rows.append({
@@ -237,15 +241,11 @@ def run_details(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per optimizer: its hyperparameters, seeds, library and version, code path, and the device
     and versions the runs were made with (as the records say; several values are joined with '; ')."""
     rows = []
-    by_opt: dict[str, list[dict[str, Any]]] = {}
-    for rec in records:
-        by_opt.setdefault(rec["optimizer"], []).append(rec)
 
     def joined(values) -> str:
         return "; ".join(sorted({str(v) for v in values if v is not None})) or "-"
 
-    for opt in optimizer_order(list(by_opt)):
-        runs = by_opt[opt]
+    for opt, runs in by_optimizer(records).items():
         envs = [r.get("environment") if isinstance(r.get("environment"), dict) else {} for r in runs]
         packages = [e.get("packages") if isinstance(e.get("packages"), dict) else {} for e in envs]
         library = REGISTRY[opt].library if opt in REGISTRY else None
@@ -274,19 +274,18 @@ def run_details(records: list[dict[str, Any]]) -> pd.DataFrame:
 def state_notes(records: list[dict[str, Any]]) -> list[str]:
     """Why each optimizer's state is the size it is (the registry entries' own notes), for the
     optimizers in these records."""
-    names = optimizer_order(sorted({r["optimizer"] for r in records}))
-    return [REGISTRY[n].state_note for n in names if n in REGISTRY and REGISTRY[n].state_note]
+    return [REGISTRY[n].state_note for n in by_optimizer(records) if n in REGISTRY and REGISTRY[n].state_note]
 
 
 def course_warnings(records: list[dict[str, Any]]) -> list[str]:
     """The course's common mistakes the runs' settings make, as each run was warned at its start
     (the record's `warnings`), once per optimizer and text."""
     out: list[str] = []
-    order = optimizer_order(sorted({r["optimizer"] for r in records}))
-    for rec in sorted(records, key=lambda r: order.index(r["optimizer"])):
-        for text in rec.get("warnings") or []:
-            if isinstance(text, str) and text not in out:
-                out.append(text)
+    for runs in by_optimizer(records).values():
+        for rec in runs:
+            for text in rec.get("warnings") or []:
+                if isinstance(text, str) and text not in out:
+                    out.append(text)
     return out
 
 
@@ -438,7 +437,7 @@ INDICATIVE = ("indicative: one seed per optimizer, so no confidence bound and no
 
 
 def _modern(records: list[dict[str, Any]]) -> list[str]:
-    return [n for n in optimizer_order(sorted({r["optimizer"] for r in records})) if n != BASELINE]
+    return [n for n in by_optimizer(records) if n != BASELINE]
 
 
 def _unfinished(records: list[dict[str, Any]], opt: str) -> tuple[list[dict[str, Any]], list[float], int]:
@@ -633,20 +632,16 @@ def time_to_target(records: list[dict[str, Any]]) -> pd.DataFrame:
         return pd.DataFrame()
     target = mean(base)
     rows = []
-    by_opt: dict[str, list[dict[str, Any]]] = {}
-    for rec in records:
-        if rec["status"] in ("ok", "diverged"):
-            by_opt.setdefault(rec["optimizer"], []).append(rec)
-    for opt in optimizer_order(list(by_opt)):
+    for opt, runs in by_optimizer([r for r in records if r["status"] in ("ok", "diverged")]).items():
         hits = []
-        for rec in by_opt[opt]:
+        for rec in runs:
             for row in rec.get("history") or []:
                 if isinstance(row.get("test_acc"), (int, float)) and row["test_acc"] >= target:
                     hits.append((row.get("epoch"), row.get("train_time_s")))
                     break
-        rows.append({"optimizer": opt, "target_acc": target, "runs": len(by_opt[opt]), "reached": len(hits),
+        rows.append({"optimizer": opt, "target_acc": target, "runs": len(runs), "reached": len(hits),
                      "epoch_mean": _mean([h[0] for h in hits]), "time_mean": _mean([h[1] for h in hits]),
-                     "timing_disturbed": sum(bool(record_disturbance(r)) for r in by_opt[opt])})
+                     "timing_disturbed": sum(bool(record_disturbance(r)) for r in runs)})
     return pd.DataFrame(rows)
 
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from optbench.analysis import MEMORY_TARGET, optimizer_order, summary_table  # noqa: E402
+from optbench.analysis import MEMORY_TARGET, by_optimizer, optimizer_order, summary_table  # noqa: E402
 from optbench.optimizers import BASELINE  # noqa: E402
 from optbench.timing import record_disturbance  # noqa: E402
 from optbench.optimizers import color_of, title_of  # noqa: E402
@@ -21,11 +21,8 @@ PART_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#dd8452",
 
 
 def _by_optimizer(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    for rec in records:
-        if rec.get("history") and rec["status"] in ("ok", "diverged"):
-            out.setdefault(rec["optimizer"], []).append(rec)
-    return {k: out[k] for k in optimizer_order(list(out))}
+    """The finished runs with a history (what a curve can show), grouped by optimizer."""
+    return by_optimizer([r for r in records if r.get("history") and r["status"] in ("ok", "diverged")])
 
 
 def _series(runs: list[dict[str, Any]], x_key: str, y_key: str, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -111,6 +111,16 @@ def verdict_text(verdict: Verdict) -> list[str]:
     return [f"[{mark}] {verdict.name}: {verdict.summary}"] + [f"    {d}" for d in verdict.details]
 
 
+def _bullets(items: list[str]) -> list[str]:
+    return [f"- {item}" for item in items]
+
+
+def _verdict_bullets(verdict: Verdict, bold: bool = False) -> list[str]:
+    """A verdict as a Markdown bullet (its PASS/FAIL line) with its reasons nested below."""
+    head, *reasons = verdict_text(verdict)
+    return [f"- **{head}**" if bold else f"- {head}"] + [f"  - {line.strip()}" for line in reasons]
+
+
 def details_display(details: pd.DataFrame) -> pd.DataFrame:
     """What ran, per optimizer: hyperparameters, seeds, library and version, code path."""
     rows = []
@@ -140,15 +150,14 @@ def markdown_report(title: str, display: pd.DataFrame, sources: list[str], ttt: 
     if sources:
         parts += ["Peak memory source: " + "; ".join(sources), ""]
     if timing:
-        parts += ["## Timing", ""] + [f"- {n}" for n in timing] + [""]
+        parts += ["## Timing", "", *_bullets(timing), ""]
     if state_notes:
-        parts += ["Optimizer state:", ""] + [f"- {n}" for n in state_notes] + [""]
+        parts += ["Optimizer state:", "", *_bullets(state_notes), ""]
     if warnings:
-        parts += ["## The course's common mistakes in these runs", ""] + [f"- {w}" for w in warnings] + [""]
+        parts += ["## The course's common mistakes in these runs", "", *_bullets(warnings), ""]
     parts += ["## Criteria", ""]
     for verdict in verdicts:
-        lines = verdict_text(verdict)
-        parts += [f"- **{lines[0]}**"] + [f"  - {line.strip()}" for line in lines[1:]]
+        parts += _verdict_bullets(verdict, bold=True)
     if disagreement:
         parts += ["", f"**{disagreement}**"]
     if not ttt.empty:
@@ -157,7 +166,7 @@ def markdown_report(title: str, display: pd.DataFrame, sources: list[str], ttt: 
         parts += ["", "## What ran", "", details_display(details).to_markdown(index=False), "",
                   environment_line(details)]
     if notes:
-        parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+        parts += ["", "## Notes", "", *_bullets(notes)]
     return "\n".join(parts) + "\n"
 
 
@@ -201,18 +210,16 @@ def tuning_display(summaries: list[Any]) -> pd.DataFrame:
 
 def tuning_markdown(title: str, protocol: list[str], display: pd.DataFrame, warnings: list[str], change: str,
                     tuned: list[Verdict], defaults: list[Verdict], notes: list[str]) -> str:
-    parts = [f"# {title}", "", *[f"- {line}" for line in protocol], "", display.to_markdown(index=False), ""]
+    parts = [f"# {title}", "", *_bullets(protocol), "", display.to_markdown(index=False), ""]
     if warnings:
-        parts += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+        parts += ["## Warnings", "", *_bullets(warnings), ""]
     parts += ["## Verdicts", "", f"**{change}**", "", "With the tuned settings (final seeds, test split):", ""]
     for verdict in tuned:
-        lines = verdict_text(verdict)
-        parts += [f"- {lines[0]}"] + [f"  - {line.strip()}" for line in lines[1:]]
+        parts += _verdict_bullets(verdict)
     parts += ["", "With the defaults (same seeds, test split):", ""]
-    for verdict in defaults:
-        parts.append(f"- {verdict_text(verdict)[0]}")
+    parts += _bullets([verdict_text(verdict)[0] for verdict in defaults])
     if notes:
-        parts += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+        parts += ["", "## Notes", "", *_bullets(notes)]
     return "\n".join(parts) + "\n"
 
 
