@@ -494,7 +494,8 @@ def status(
         for column in ("optimizer", "budget", "complete", "running", "waiting", "failed", "pruned", "detail"):
             table.add_column(column)
         for s in rows:
-            detail = [f"{s.scored_zero} scored 0 (diverged, oom or failed run)" if s.scored_zero else "",
+            detail = [f"running in {', '.join(s.workers)}" if s.workers else "",
+                      f"{s.scored_zero} scored 0 (diverged, oom or failed run)" if s.scored_zero else "",
                       f"{s.lost} lost (worker gone): the next tune re-queues it" if s.lost else "",
                       f"{s.retrying} to be retried" if s.retrying else "",
                       f"{s.retries} retries spent" if s.retries else ""]

@@ -163,6 +163,7 @@ class StudyStatus:
     retrying: int  # slots whose newest trial failed and will be retried
     pruned: int  # trials that found no planned trial left (never counted)
     retries: int  # retries spent (errors and lost workers; stops spend none)
+    workers: list[str]  # the workers of the running trials
 
 
 def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[StudyStatus]]:
@@ -204,7 +205,8 @@ def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[S
             running=len(running),
             lost=sum(run_lost(trials_dir, t["config_hash"], t["host"], t["pid"], t["started"]) for t in running),
             waiting=status.waiting, failed=sum(t["state"] == "FAIL" for t in settled), retrying=status.retry_pending,
-            pruned=sum(t["state"] == "PRUNED" for t in trials), retries=_retries_spent(trials)))
+            pruned=sum(t["state"] == "PRUNED" for t in trials), retries=_retries_spent(trials),
+            workers=[str(t.get("worker") or "?") for t in running]))
     return url, out
 
 

@@ -317,7 +317,8 @@ def test_a_sigkilled_worker_on_journal_storage_is_retried_through_its_run_lock(t
     before = journal.read_bytes()
     shown = show_status(results)
     assert journal.read_bytes() == before  # status never writes to a study
-    assert "1 lost (worker gone): the next tune re-queues it" in " ".join(shown.split()), shown
+    assert f"running in {socket.gethostname()}:{proc.pid}; 1 lost (worker gone): the next tune re-queues it" \
+        in " ".join(shown.split()), shown
     again = start_tune(results, "--storage", url, "--optimizers", "adamw")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
