@@ -20,6 +20,14 @@ PARTS = ("params", "grads", "optimizer_state", "activations", "backward_temporar
 PART_COLORS = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#dd8452", "#999999")
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay the figure out, write it as a PNG (110 dpi, as every report figure) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _by_optimizer(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """The finished runs with a history (what a curve can show), grouped by optimizer."""
     return by_optimizer([r for r in records if r.get("history") and r["status"] in ("ok", "diverged")])
@@ -83,10 +91,7 @@ def learning_curves(records: list[dict[str, Any]], path: Path, title: str) -> Pa
         fig.suptitle(f"{title}\n{warning}", color="darkred")
     else:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def memory_chart(records: list[dict[str, Any]], path: Path, title: str, table=None) -> Path | None:
@@ -144,10 +149,7 @@ def memory_chart(records: list[dict[str, Any]], path: Path, title: str, table=No
     ax.set_xlabel("MiB (tensor memory at the step's peak, torch MemTracker); % = peak saving vs AdamW")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --- tuning ----------------------------------------------------------------------------------------
@@ -173,10 +175,7 @@ def tuning_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: 
     ax.grid(alpha=0.3)
     ax.legend(title="band: 80% over random trial orders", fontsize=8, title_fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def lr_sensitivity(lines: dict[str, dict[Any, list[tuple[float, float]]]], chosen: dict[str, dict[str, float]],
@@ -214,10 +213,7 @@ def lr_sensitivity(lines: dict[str, dict[Any, list[tuple[float, float]]]], chose
         ax.set_title(title_of(opt))
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def diagnostics_curves(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -259,7 +255,4 @@ def diagnostics_curves(records: list[dict[str, Any]], path: Path, title: str) ->
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(f"{title}: optimizer diagnostics (epoch means of log points)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
