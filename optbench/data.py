@@ -237,6 +237,11 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
                      mean, std)
 
 
+def validation_size(fraction: float, train_images: int) -> int:
+    """How many of `train_images` a validation share of `fraction` holds out."""
+    return round(fraction * train_images)
+
+
 def holdout_validation(data: ImageData, fraction: float, seed: int) -> ImageData:
     """The training split minus a fixed, class-balanced validation split, with that split to evaluate on.
 
@@ -247,7 +252,7 @@ def holdout_validation(data: ImageData, fraction: float, seed: int) -> ImageData
     recomputed from the images trained on.
     """
     labels = data.train_y.cpu().numpy()
-    size = round(fraction * len(labels))
+    size = validation_size(fraction, len(labels))
     if size < data.spec.num_classes or size >= len(labels):
         raise DataError(f"a validation fraction of {fraction:g} of {len(labels)} training images gives {size} "
                         f"validation images: need at least one per class ({data.spec.num_classes}) and some left "

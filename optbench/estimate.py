@@ -21,7 +21,7 @@ from statistics import mean
 import torch
 
 from optbench.config import RunConfig
-from optbench.data import ImageData, steps_per_epoch, train_batches
+from optbench.data import ImageData, steps_per_epoch, train_batches, validation_size
 from optbench.experiment import build_training, training_data
 from optbench.optimizers import get_entry
 from optbench.train import training_step
@@ -125,7 +125,7 @@ def estimate_plan(configs: list[RunConfig], data: ImageData, plain_steps: int = 
     for config in configs:
         train_images, eval_images = data.train_x.shape[0], data.test_x.shape[0]
         if config.validation_fraction:  # a tuning trial: trains on the rest, evaluates the held-out share
-            eval_images = round(config.validation_fraction * train_images)
+            eval_images = validation_size(config.validation_fraction, train_images)
             train_images -= eval_images
         run_steps = config.epochs * steps_per_epoch(train_images, config.batch_size)
         pace = paces[config.optimizer]
