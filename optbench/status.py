@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from optbench.attempts import newest, outcome, records_by_hash, settling_record
+from optbench.checkpoint_header import read_header
 from optbench.runlock import lock_is_stale, read_lock
 from optbench.errors import RecordError
 
@@ -114,9 +115,17 @@ def _one(run: dict[str, Any], records: list[dict[str, Any]], checkpoints: Path) 
     if latest is not None and outcome(latest) == "failed":
         return make("failed", f"{latest['status']}: {latest.get('status_detail') or ''}".strip())
     if checkpoint.exists():
-        return make("stopped", f"checkpoint saved {_age(time.time() - checkpoint.stat().st_mtime)} ago; "
-                    "compare resumes it")
+        return make("stopped", f"{_reached(checkpoint)}checkpoint saved {_age(time.time() - checkpoint.stat().st_mtime)} "
+                    "ago; compare resumes it")
     return make("planned", "")
+
+
+def _reached(checkpoint: Path) -> str:
+    """How far a checkpoint's run got, from its header line ('' for a version-2 or unreadable header)."""
+    header = read_header(checkpoint)
+    if header is None or header.epochs_done is None:
+        return ""
+    return f"epoch {header.epochs_done} of {header.epochs} done, step {header.steps} of {header.total_steps}; "
 
 
 # --- a tune folder: its studies (read from their storage, never written) and its final runs ----------------

@@ -120,3 +120,85 @@ def test_an_untouched_checkpoint_still_resumes(stopped, tmp_path):
     results = copy_of(stopped["lion"], tmp_path)
     record, _ = run_experiment(tiny_config("lion", results, **SETTINGS), resume=True)
     assert record["status"] == "ok" and record["resumed"] is True
+
+
+def as_version_2(path: Path) -> bytes:
+    """The checkpoint rewritten as version 2 wrote it: the same payload, a header without the progress."""
+    line, _, blob = path.read_bytes().partition(b"\n")
+    assert line.split(b" ")[:2] == [b"optbench-checkpoint", b"3"]
+    return b"optbench-checkpoint 2 " + line.split(b" ")[2] + b"\n" + blob
+
+
+def test_a_version_2_checkpoint_resumes_to_the_same_weights(stopped, tmp_path):
+    records = []
+    for name, change in (("v3", None), ("v2", as_version_2)):
+        results = copy_of(stopped["lion"], tmp_path / name)
+        config = resolve_runtime(tiny_config("lion", results, **SETTINGS))
+        path = checkpoint_path(results, config.config_hash)
+        if change is not None:
+            path.write_bytes(change(path))
+            assert path.read_bytes().startswith(b"optbench-checkpoint 2 ")
+        record, _ = run_experiment(config, resume=True)
+        assert record["status"] == "ok" and record["resumed"] is True
+        records.append(record)
+    assert records[0]["final_weights_sha256"] == records[1]["final_weights_sha256"]
+
+
+def test_a_header_that_disagrees_with_its_payload_is_refused(stopped, tmp_path):
+    results = copy_of(stopped["adamw"], tmp_path)
+    config = resolve_runtime(tiny_config("adamw", results, **SETTINGS))
+    path = checkpoint_path(results, config.config_hash)
+    document = path.read_bytes()
+    assert b" epoch=0/2 step=5/26\n" in document.split(b"\n", 1)[0] + b"\n"  # stopped at step 5 of 13 x 2
+    path.write_bytes(document.replace(b" epoch=0/2 step=5/26\n", b" epoch=1/2 step=18/26\n", 1))
+    with pytest.raises(CheckpointError, match="says epoch 1, step 18 in its header"):
+        run_experiment(config, resume=True)
+
+
+def test_status_says_how_far_a_stopped_run_got_from_the_header_alone(stopped, tmp_path, monkeypatch):
+    from optbench import status as status_module
+
+    results = tmp_path / "results"
+    shutil.copytree(stopped["adamw"], results)  # with its `interrupted` record, which makes the run known
+    config = resolve_runtime(tiny_config("adamw", results, **SETTINGS))
+    path = checkpoint_path(results, config.config_hash)
+    consumed = []
+    real_open = open
+
+    class Counted:  # the bytes `status` takes from the checkpoint file
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def read(self, *args):
+            data = self.handle.read(*args)
+            consumed.append(len(data))
+            return data
+
+        def readline(self, *args):
+            line = self.handle.readline(*args)
+            consumed.append(len(line))
+            return line
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def spying_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return Counted(handle) if Path(file) == path else handle
+
+    monkeypatch.setattr("builtins.open", spying_open)
+    runs, _ = status_module.grid_status(results)
+    monkeypatch.undo()
+    (run,) = runs
+    assert run.state == "stopped" and run.config_hash == config.config_hash
+    assert run.detail.startswith("epoch 0 of 2 done, step 5 of 26; checkpoint saved"), run.detail
+    assert consumed and 0 < sum(consumed) < 200 < path.stat().st_size  # its first line, not the payload
+    path.write_bytes(as_version_2(path))  # an older checkpoint: no progress in its header, the age as before
+    (run,), _ = status_module.grid_status(results)
+    assert run.state == "stopped" and run.detail.startswith("checkpoint saved"), run.detail

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from optbench.checkpoints import checkpoint_path
 from optbench.errors import RecordError
-from optbench.experiment import run_experiment
+from optbench.experiment import resolve_runtime, run_experiment
 from optbench.records import ensure_writable, load_records
 
 from conftest import tiny_config
@@ -108,6 +109,13 @@ def test_the_final_state_is_kept_until_the_record_is_written(tmp_path, monkeypat
     monkeypatch.setattr(records, "write_record", disk_full)
     with pytest.raises(RecordError, match=f"{NO_SPACE}.*OPTBENCH_FALLBACK_DIR"):
         run_experiment(config)
+    final = checkpoint_path(config.results_dir, resolve_runtime(config).config_hash)
+    before = (final.stat().st_ino, final.stat().st_mtime_ns, final.read_bytes())
+    # --resume while the record still cannot be written: the checkpoint holds the final state already,
+    # so it is kept as it is, not written again
+    with pytest.raises(RecordError, match=f"{NO_SPACE}.*OPTBENCH_FALLBACK_DIR"):
+        run_experiment(config, resume=True)
+    assert (final.stat().st_ino, final.stat().st_mtime_ns, final.read_bytes()) == before
     monkeypatch.setattr(records, "write_record", real_write)
     steps = []
     record, _ = run_experiment(config, type("R", (), {"__getattr__": lambda self, n: (
