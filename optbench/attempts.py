@@ -33,7 +33,7 @@ with the worst score (`tune_analysis.budget_status`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 FINISHED = ("ok", "diverged")
 FAILED = ("oom", "failed")
@@ -50,15 +50,22 @@ def outcome(record: dict[str, Any]) -> str:
     return "stopped" if status == STOPPED else "failed"
 
 
-def records_by_hash(results_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """The usable records of a results directory grouped by config hash (one group per run)."""
-    from optbench.records import load_records
+def records_by_hash(results_dir: str | Path, config_hashes: set[str] | None = None,
+                    warn: Callable[[str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The usable records of a results directory grouped by config hash (one group per run). With
+    `config_hashes`, of those runs only, read from the files named for them (records.records_of_runs,
+    which tells `warn` of a record whose config was edited). A record whose config is not the one its
+    hash was made from (records.config_mismatch) stands for no run."""
+    from optbench.records import config_mismatch, load_records, records_of_runs
 
+    if config_hashes is not None:
+        return records_of_runs(results_dir, config_hashes, warn)
     if not Path(results_dir).is_dir():
         return {}
     out: dict[str, list[dict[str, Any]]] = {}
     for record in load_records(results_dir).records:
-        out.setdefault(record["config_hash"], []).append(record)
+        if config_mismatch(record) is None:
+            out.setdefault(record["config_hash"], []).append(record)
     return out
 
 

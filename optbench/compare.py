@@ -11,7 +11,7 @@ from optbench.config import RunConfig, resolve_config
 from optbench.console import duration_text
 from optbench.data import ImageData, load_dataset
 from optbench.experiment import RunBusy, resolve_runtime, run_experiment
-from optbench.records import finished_runs
+from optbench.records import find_finished, finished_runs
 
 
 def plan_runs(preset: str, optimizers: list[str], seeds: list[int], overrides: dict[str, Any],
@@ -67,8 +67,11 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
                                          config.test_subset)
         started = time.perf_counter()
         try:
+            # the look under the run's lock, silent: the look above named every file it skipped
+            settled = None if rerun else (lambda c=config: find_finished(c.results_dir, c.config_hash))
             with make_reporter(config) as reporter:
-                record, path = run_experiment(config, reporter, data=datasets[key], resume=not rerun)
+                record, path = run_experiment(config, reporter, data=datasets[key], resume=not rerun,
+                                              settled=settled)
         except RunBusy as exc:
             announce(f"{label}: skipped, {exc}")
             continue

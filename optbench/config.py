@@ -68,18 +68,27 @@ class RunConfig:
 
     @property
     def identity(self) -> dict[str, Any]:
-        skip = {"data_dir", "download", "results_dir", "log_every", "preset"}
-        if not self.validation_fraction:  # scored on the test split, as before: the hash stays what it was
-            skip |= {"validation_fraction", "validation_seed"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        return identity_of(asdict(self))
 
     @property
     def config_hash(self) -> str:
-        blob = json.dumps(self.identity, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return identity_hash(self.identity)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def identity_of(values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a config (a RunConfig's, or a record's `config` as written) that make its identity."""
+    skip = {"data_dir", "download", "results_dir", "log_every", "preset"}
+    if not values.get("validation_fraction"):  # scored on the test split, as before: the hash stays what it was
+        skip |= {"validation_fraction", "validation_seed"}
+    return {k: v for k, v in values.items() if k not in skip}
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def margin_fraction(points: Any) -> float:
@@ -229,6 +238,8 @@ def with_runtime(config: RunConfig, **changes: Any) -> RunConfig:
 
 __all__ = [
     "RunConfig",
+    "identity_hash",
+    "identity_of",
     "parse_value",
     "preset_seeds",
     "resolve_config",

@@ -75,11 +75,14 @@ def settled_record(grid: Grid, records: list[dict[str, Any]]) -> dict[str, Any] 
     return settling_record(records, grid.since, grid.rerun)
 
 
-def grid_state(grid: Grid) -> dict[tuple[str, str], dict[str, Any] | None]:
-    """(results dir, config hash) -> the record that settles the run, or None, read in one pass."""
-    by_dir = {d: _records_by_hash(d) for d in grid.results_dirs}
+def grid_state(grid: Grid, configs: list[RunConfig] | None = None) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """(results dir, config hash) -> the record that settles the run, or None, read in one pass; for
+    `configs` only (default: the whole grid), whose records alone are read."""
+    configs = grid.unique() if configs is None else configs
+    by_dir = {d: _records_by_hash(d, {c.config_hash for c in configs if c.results_dir == d})
+              for d in {c.results_dir for c in configs}}
     return {(c.results_dir, c.config_hash): settled_record(grid, by_dir[c.results_dir].get(c.config_hash, []))
-            for c in grid.unique()}
+            for c in configs}
 
 
 def collect(grid: Grid) -> tuple[list[dict[str, Any]], list[RunConfig]]:
@@ -123,13 +126,18 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
     name = name or worker_name()
     os.environ["OPTBENCH_WORKER"] = name  # written into the run locks it takes, for `optbench status`
     say = announce or (lambda text: None if quiet else console.print(f"[dim]{name}[/dim] {text}", soft_wrap=True))
+    warn = announce or (lambda text: console.print(f"[dim]{name}[/dim] [yellow]warning:[/yellow] {text}",
+                                                   soft_wrap=True))  # shown even when quiet
     make_reporter = reporter_factory(lambda c: RichReporter(f"{name} {c.optimizer} s{c.seed}", quiet=True),
                                      list(grid.track), grid.track_uri)
     datasets: dict[tuple, Any] = {}
     done: dict[str, Any] = {"worker": name, "runs": [], "interrupted": False, "error": None}
+    settled: set[tuple[str, str]] = set()  # a settled run stays settled: records are never removed, only added
     while True:
-        state = grid_state(grid)
-        pending = [c for c in grid.unique() if state[(c.results_dir, c.config_hash)] is None]
+        unsettled = [c for c in grid.unique() if (c.results_dir, c.config_hash) not in settled]
+        state = grid_state(grid, unsettled)  # reads the records of these runs only, not the whole grid again
+        settled |= {run for run, record in state.items() if record is not None}
+        pending = [c for c in unsettled if state[(c.results_dir, c.config_hash)] is None]
         if not pending:
             return done
         progressed = False
@@ -137,7 +145,8 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
             key = data_key(config)
 
             def settled_now(config=config) -> dict[str, Any] | None:  # asked once the run's lock is held
-                return settled_record(grid, _records_by_hash(config.results_dir).get(config.config_hash, []))
+                return settled_record(grid, _records_by_hash(config.results_dir, {config.config_hash},
+                                                             warn)[config.config_hash])
 
             try:
                 if key not in datasets:

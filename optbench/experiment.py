@@ -265,7 +265,8 @@ class RunClaim:
 
 
 def claim_run(config: RunConfig, reuse_finished: bool = True,
-              settled: Callable[[], dict[str, Any] | None] | None = None) -> RunClaim:
+              settled: Callable[[], dict[str, Any] | None] | None = None,
+              warn: Callable[[str], None] | None = None) -> RunClaim:
     """Claim one run for this process: take its lock, then look for a finished record again, under the lock.
 
     The one place that decides "train it or not". A look before the lock is only a shortcut: another
@@ -273,7 +274,8 @@ def claim_run(config: RunConfig, reuse_finished: bool = True,
     made while no other process can start or finish the run. With `reuse_finished` a finished record
     (ok or diverged) is returned instead of the lock, and a checkpoint left beside it is removed (the
     record is the result). Raises RunBusy if another live process holds the run. `settled` replaces
-    the look for a finished record (see run_experiment).
+    the look for a finished record (see run_experiment). `warn` is told of a record of this run whose
+    config was edited after it ran (records.config_mismatch): it is not reused, so the run is trained.
     """
     lock = acquire_run_lock(config.results_dir, config.config_hash)
     if lock is None:
@@ -282,7 +284,8 @@ def claim_run(config: RunConfig, reuse_finished: bool = True,
     if not reuse_finished:
         return RunClaim(lock)
     try:
-        finished = settled() if settled is not None else find_finished(config.results_dir, config.config_hash)
+        finished = settled() if settled is not None else find_finished(config.results_dir, config.config_hash,
+                                                                        warn)
         if finished is not None and finished["status"] in ("ok", "diverged"):
             leftover = checkpoint_path(config.results_dir, config.config_hash)
             if leftover.exists():
@@ -324,7 +327,7 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
          "started_at": started_at}).replace(".json", "-999.json"))
     # Temporaries of processes killed while writing (records, checkpoints, cache entries) go now.
     remove_stale(config.results_dir, Path(config.results_dir) / "checkpoints", Path(config.results_dir) / "cache")
-    claim = claim_run(config, reuse_finished=resume or settled is not None, settled=settled)
+    claim = claim_run(config, reuse_finished=resume or settled is not None, settled=settled, warn=reporter.warn)
     if claim.finished is not None:
         reporter.phase(f"this run has finished already: reusing {claim.finished['_path']} (nothing trained)")
         return claim.finished, Path(claim.finished["_path"])
@@ -502,7 +505,13 @@ def _run_locked(config, entry, device, reporter, data, resume, started_at, wall_
                    eager_model=model if config.compile else None,
                    diagnostics=StepDiagnostics(list(model.parameters()), optimizer, entry, reporter.warn),
                    before_eval=recompute_bn)
-    if result.status == "ok":  # the final state, kept until the record is safely written
+    # The final state, kept until the record is safely written: a process that dies before the record
+    # is written (or a record that cannot be written) loses nothing, and `--resume` writes the record
+    # without training again. Not saved again when the checkpoint this run resumed from holds it already
+    # (a run whose record could not be written before: nothing was trained since).
+    resumed_finished = saved is not None and saved["progress"]["epochs_done"] == config.epochs \
+        and saved.get("memory_probe") == probe
+    if result.status == "ok" and not resumed_finished:
         save(result)
     if device.type == "cuda":
         peaks = cuda_peaks(device)

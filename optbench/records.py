@@ -430,9 +430,25 @@ def latest_results_dir(root: str | Path = DEFAULT_RESULTS_ROOT) -> LatestResults
                       "or run `optbench compare` first")
 
 
+def config_mismatch(record: dict[str, Any]) -> str | None:
+    """Why a usable record cannot stand for the run its `config_hash` names, or None: its `config` must
+    still be the config that hash was made from (the same identity fields, config.identity_of). A record
+    whose config was edited by hand after the run would otherwise be reused as the edited config's run."""
+    from optbench.config import identity_hash, identity_of  # no torch; only the reuse paths need it
+
+    made_from = identity_hash(identity_of(record["config"]))
+    if made_from == record["config_hash"]:
+        return None
+    folder = Path(record["_path"]).parent if "_path" in record else "the results folder"
+    return (f"its config is not the one its config_hash {record['config_hash']} was made from (edited after the "
+            f"run?), so it is not reused: put its config back, or move the file out of {folder}")
+
+
 def finished_runs(results_dir: str | Path, skipped: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """Config hash -> the newest record of a completed (ok or diverged) run, read in one pass. Files that
-    are not usable records are never reused; `skipped` is told of each (one line: file and problem)."""
+    are not usable records, records whose config is not their hash's (`config_mismatch`) and records
+    renamed so that their name no longer holds their hash are never reused; `skipped` is told of each
+    (one line: file and problem)."""
     directory = Path(results_dir)
     if not directory.is_dir():
         return {}
@@ -441,12 +457,71 @@ def finished_runs(results_dir: str | Path, skipped: Callable[[str], None] | None
     for problem in loaded.problems if skipped is not None else ():
         skipped(problem)
     for rec in loaded.records:
-        if rec["status"] in ("ok", "diverged") and rec.get("finished_at", "") >= \
-                newest.get(rec["config_hash"], {}).get("finished_at", ""):
+        if rec["status"] not in ("ok", "diverged"):
+            continue
+        name = Path(rec["_path"]).name
+        problem = config_mismatch(rec)
+        if problem is None and _named_hash(name, {rec["config_hash"]}) is None:
+            # the look under the lock (records_of_runs) finds a run's records by name: so must this one
+            problem = (f"its name does not hold its config_hash {rec['config_hash']}, by which a run's records "
+                       f"are found, so it is not reused: name it {record_filename(rec)}")
+        if problem:
+            if skipped is not None:
+                skipped(f"{name}: {problem}")
+        elif rec.get("finished_at", "") >= newest.get(rec["config_hash"], {}).get("finished_at", ""):
             newest[rec["config_hash"]] = rec
     return newest
 
 
-def find_finished(results_dir: str | Path, config_hash: str) -> dict[str, Any] | None:
-    """The newest record of a completed (ok or diverged) run with this config, if any."""
-    return finished_runs(results_dir).get(config_hash)
+def _named_hash(name: str, hashes: set[str]) -> str | None:
+    """Which of `hashes` a record's file name holds (record_filename: DATASET-OPT-seedN-HASH-STAMP[-k].json)."""
+    return next((part for part in name[:-len(".json")].split("-") if part in hashes), None)
+
+
+def records_of_runs(results_dir: str | Path, config_hashes: set[str] | list[str],
+                    warn: Callable[[str], None] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Config hash -> the usable records of that run, for `config_hashes` only, read from the files whose
+    names hold one of them: the folder is listed, not read, so a run's look costs its own records, not
+    every record of the folder (compare and tune look once per run). A record named for another
+    run than its content says, or whose config is not its hash's (`config_mismatch`, told to `warn` in
+    one line), is left out; unusable files are left out silently (`load_records` and `finished_runs`
+    name them, once per command)."""
+    directory = Path(results_dir)
+    wanted = set(config_hashes)
+    out: dict[str, list[dict[str, Any]]] = {h: [] for h in wanted}
+    if not directory.is_dir():
+        return out
+    for path in sorted(directory.glob("[!.]*.json")):  # dot files are records still being written
+        named = _named_hash(path.name, wanted)
+        if named is None:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if record_problem(record) is not None or record["config_hash"] != named:
+            continue
+        record["_path"] = str(path)
+        problem = config_mismatch(record)
+        if problem:
+            if warn is not None:
+                warn(f"{path.name}: {problem}")
+            continue
+        out[named].append(record)
+    return out
+
+
+def newest_finished(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest completed (ok or diverged) record of `records` (of one run), the last of equal times."""
+    newest = None
+    for rec in records:
+        if rec["status"] in ("ok", "diverged") and (newest is None or rec.get("finished_at", "") >=
+                                                    newest.get("finished_at", "")):
+            newest = rec
+    return newest
+
+
+def find_finished(results_dir: str | Path, config_hash: str,
+                  warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The newest record of a completed (ok or diverged) run with this config, if any (records_of_runs)."""
+    return newest_finished(records_of_runs(results_dir, {config_hash}, warn)[config_hash])

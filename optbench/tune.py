@@ -263,8 +263,10 @@ def _run_trial_run(config: RunConfig, data, say: Callable[[str], None], track: t
     from optbench.experiment import RunBusy, run_experiment
     from optbench.records import find_finished
 
+    warn = say  # a record of this run whose config was edited is named once, not at every look
     while True:
-        existing = find_finished(config.results_dir, config.config_hash)
+        existing = find_finished(config.results_dir, config.config_hash, warn)
+        warn = None
         if existing is not None:
             return existing, Path(existing["_path"])
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,38 @@ def test_two_compares_on_one_results_directory_train_each_run_once(tmp_path: Pat
     assert all(p.returncode == 0 for p in procs), outputs
     on_disk = load_records(tmp_path).records
     assert sorted(r["optimizer"] for r in on_disk) == ["adamw", "lion", "schedulefree"], outputs
+
+
+def test_a_record_whose_config_was_edited_after_the_run_is_named_and_the_run_trained(tmp_path: Path):
+    """A hand edit keeps the config_hash but changes the config: run --resume and compare name the file in
+    one line (saying what to do) and train the run, instead of reusing the edited record as its result."""
+    argv = ["run", "-o", "adamw", *CLI_TINY, "--results-dir", str(tmp_path)]
+    first = CliRunner().invoke(app, argv)
+    assert first.exit_code == 0, first.output
+    (path,) = tmp_path.glob("*.json")
+    edited = json.loads(path.read_text())
+    edited["config"]["hparams"]["lr"] *= 10  # "I ran it at 10x the lr" -- it was not
+    path.write_text(json.dumps(edited))
+    again = CliRunner().invoke(app, [*argv, "--resume"])
+    assert again.exit_code == 0, again.output
+    said = [line for line in again.output.splitlines() if path.name in line]
+    assert len(said) == 1 and "is not the one its config_hash" in said[0] and "put its config back" in said[0], \
+        again.output
+    assert "nothing trained" not in again.output
+    on_disk = load_records(tmp_path).records
+    assert len(on_disk) == 2 and {r["config_hash"] for r in on_disk} == {edited["config_hash"]}
+    trained = next(r for r in on_disk if r["_path"] != str(path))
+    assert trained["status"] == "ok" and trained["resumed"] is False  # trained anew, not taken from the edit
+    # compare: the untouched record is reused; the edited one is named once, and nothing is trained
+    out = CliRunner().invoke(app, ["compare", *CLI_TINY, "--optimizers", "adamw", "--seeds", "0",
+                                   "--results-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert out.output.count(path.name) == 1 and "reusing" in out.output, out.output
+    assert len(load_records(tmp_path).records) == 2
+    # with the untouched record gone, compare trains the run, and names the edited file once still
+    Path(trained["_path"]).unlink()
+    out = CliRunner().invoke(app, ["compare", *CLI_TINY, "--optimizers", "adamw", "--seeds", "0",
+                                   "--results-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert out.output.count(path.name) == 1, out.output
+    assert len(load_records(tmp_path).records) == 2

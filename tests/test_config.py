@@ -213,11 +213,13 @@ def test_a_record_from_before_the_thread_count_still_loads(tmp_path):
 
     from test_analysis import make_record  # a record as `run` writes it, with no thread count in its config
 
-    from optbench.records import finished_runs, load_records
+    from optbench.config import identity_hash, identity_of
+    from optbench.records import finished_runs, load_records, record_filename
 
     record = make_record("adamw")
     assert "threads" not in record["config"]
-    (tmp_path / "old.json").write_text(json.dumps(record))
+    record["config_hash"] = identity_hash(identity_of(record["config"]))  # made from its config, as then
+    (tmp_path / record_filename(record)).write_text(json.dumps(record))
     loaded = load_records(tmp_path)
     assert loaded.problems == [] and loaded.records[0]["config"].get("threads") is None
     assert record["config_hash"] in finished_runs(tmp_path)

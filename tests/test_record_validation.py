@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from optbench.cli import app
 from optbench.console import show_report
-from optbench.records import find_finished, load_records, record_problem
+from optbench.config import identity_hash, identity_of
+from optbench.records import find_finished, load_records, record_filename, record_problem
 from optbench.report import build_report
 from tests.test_analysis import MiB, four
 
@@ -135,11 +136,16 @@ def test_a_lion_record_with_negative_peak_memory_is_named_and_cannot_pass_the_me
     ("total_wall_time_s", math.inf, "total_wall_time_s inf is not a finite number >= 0"),
 ])
 def test_nonsense_is_named_in_one_line_and_never_reused(tmp_path, field, value, problem):
-    record = mutate(four()[0], (field,), value)
-    (tmp_path / "bad.json").write_text(json.dumps(record))
+    sound = four()[0]
+    sound["config_hash"] = identity_hash(identity_of(sound["config"]))  # as a run makes it
+    name = record_filename(sound)  # where compare and tune look for the run's records
+    (tmp_path / name).write_text(json.dumps(sound))
+    assert find_finished(tmp_path, sound["config_hash"]) is not None  # the sound record is found and reused ...
+    record = mutate(sound, (field,), value)
+    (tmp_path / name).write_text(json.dumps(record))
     loaded = load_records(tmp_path)
-    assert loaded.records == [] and loaded.problems == [f"bad.json: {problem}; skipped"]
-    assert find_finished(tmp_path, record["config_hash"]) is None  # compare and tune would run it again
+    assert loaded.records == [] and loaded.problems == [f"{name}: {problem}; skipped"]
+    assert find_finished(tmp_path, record["config_hash"]) is None  # ... nonsense is not: compare and tune run it again
     history_bad = mutate(four()[0], ("history", 1, "test_acc"), 5.0)
     assert record_problem(history_bad) == "history epoch 2: test_acc 5.0 is not a fraction in [0, 1]"
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from optbench.config import RunConfig
+from optbench.config import RunConfig, identity_hash, identity_of
 from optbench.errors import RecordError
-from optbench.records import (ensure_writable, find_finished, load_records, record_filename, write_record)
+from optbench.records import (ensure_writable, find_finished, finished_runs, load_records, record_filename,
+                              write_record)
 
 from conftest import OPTIMIZERS
 
@@ -27,6 +28,8 @@ def minimal_record(**changes):
               "final_test_acc": 0.5, "train_wall_time_s": 1.0, "config": {"dataset": "digits", "seed": 0, "epochs": 1, "batch_size": 8},
               "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:01:00Z"}
     record.update(changes)
+    if "config_hash" not in changes and isinstance(record["config"], dict):
+        record["config_hash"] = identity_hash(identity_of(record["config"]))  # made from its config, as a run does
     acc = record["final_test_acc"]
     if "history" not in changes:
         record["history"] = [{"epoch": 1, "test_acc": acc, "train_time_s": 1.0}] if record["status"] == "ok" \
@@ -181,6 +184,60 @@ def test_find_finished_takes_the_newest_completed_run(tmp_path):
     write_record(tmp_path, minimal_record(finished_at="2026-01-02T00:01:00Z", final_test_acc=0.2))
     write_record(tmp_path, minimal_record(finished_at="2026-01-03T00:01:00Z", status="interrupted",
                                           final_test_acc=None))
-    found = find_finished(tmp_path, "0123456789ab")
+    found = find_finished(tmp_path, minimal_record()["config_hash"])
     assert found["final_test_acc"] == 0.2
     assert Path(found["_path"]).exists()
+
+
+def test_find_finished_reads_only_the_files_named_for_its_run(tmp_path, monkeypatch):
+    """compare and tune look once per run: each look reads that run's records, not the whole folder's."""
+    own = write_record(tmp_path, minimal_record())
+    other = write_record(tmp_path, minimal_record(config={"dataset": "digits", "seed": 1, "epochs": 1,
+                                                          "batch_size": 8}))
+    broken = tmp_path / "digits-adamw-seed2-fedcba987654-20260101T000000Z.json"
+    broken.write_text("{")  # unreadable, and another run's: not this look's business
+    read, warned = [], []
+    real_read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: read.append(self.name) or real_read_text(self, *a, **k))
+    found = find_finished(tmp_path, minimal_record()["config_hash"], warn=warned.append)
+    monkeypatch.undo()
+    assert found["_path"] == str(own) and read == [own.name] and warned == []
+    assert find_finished(tmp_path, json.loads(other.read_text())["config_hash"])["_path"] == str(other)
+    # The one pass over the folder (compare's first look, report) still names the unreadable file, once.
+    skipped = []
+    assert set(finished_runs(tmp_path, skipped=skipped.append)) == {minimal_record()["config_hash"],
+                                                                    json.loads(other.read_text())["config_hash"]}
+    assert len(skipped) == 1 and skipped[0].startswith(f"{broken.name}: unreadable"), skipped
+
+
+def test_a_record_whose_config_was_edited_is_not_reused_and_is_named(tmp_path):
+    """Its config_hash says one run, its config another: it stands for neither."""
+    older = write_record(tmp_path, minimal_record(finished_at="2026-01-01T00:01:00Z", final_test_acc=0.1))
+    edited = minimal_record(finished_at="2026-01-02T00:01:00Z", final_test_acc=0.2, started_at="2026-01-02T00:00:00Z")
+    edited["config"]["batch_size"] = 64  # by hand, after the run: config_hash still says batch size 8
+    edited_path = write_record(tmp_path, edited)
+    warned, skipped = [], []
+    found = find_finished(tmp_path, edited["config_hash"], warn=warned.append)
+    assert found["_path"] == str(older)  # the newer record is the edited one: the older, untouched one stands
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert warned[0].startswith(f"{edited_path.name}: its config is not the one its config_hash")
+    assert "put its config back, or move the file out of" in warned[0]
+    assert finished_runs(tmp_path, skipped=skipped.append)[edited["config_hash"]]["_path"] == str(older)
+    assert skipped == warned  # compare's first look names it in the same words
+    older.unlink()
+    assert find_finished(tmp_path, edited["config_hash"]) is None  # nothing left to reuse: the run is trained
+    assert len(load_records(tmp_path).records) == 1  # reports still read it: only its reuse as that run is refused
+
+
+def test_a_renamed_record_is_named_by_the_one_pass_and_found_by_no_look(tmp_path):
+    """Runs find their records by name; compare's first look must not reuse what the look under the lock
+    cannot see (it would then say "reusing" for a run that `run --resume` or a worker trains again)."""
+    written = write_record(tmp_path, minimal_record())
+    renamed = written.rename(tmp_path / "adamw-best.json")
+    skipped = []
+    assert finished_runs(tmp_path, skipped=skipped.append) == {}
+    assert skipped == [f"adamw-best.json: its name does not hold its config_hash {minimal_record()['config_hash']}, "
+                       f"by which a run's records are found, so it is not reused: name it {written.name}"]
+    assert find_finished(tmp_path, minimal_record()["config_hash"]) is None
+    renamed.rename(written)
+    assert find_finished(tmp_path, minimal_record()["config_hash"])["_path"] == str(written)
