@@ -85,6 +85,21 @@ def grid_state(grid: Grid, configs: list[RunConfig] | None = None) -> dict[tuple
             for c in configs}
 
 
+class Unsettled:
+    """The grid's runs not settled yet, for a loop that asks again and again (a worker after each run, the
+    SLURM parent every POLL_S): a settled run stays settled (records are added, never removed), so only
+    the runs not settled at the last look have their records read again, not the whole grid's."""
+
+    def __init__(self, grid: Grid):
+        self.grid, self.settled = grid, set()
+
+    def __call__(self) -> list[RunConfig]:
+        todo = [c for c in self.grid.unique() if (c.results_dir, c.config_hash) not in self.settled]
+        state = grid_state(self.grid, todo)
+        self.settled |= {run for run, record in state.items() if record is not None}
+        return [c for c in todo if state[(c.results_dir, c.config_hash)] is None]
+
+
 def collect(grid: Grid) -> tuple[list[dict[str, Any]], list[RunConfig]]:
     """The grid's records in plan order (one per run), and the runs that have none that settles them."""
     state = grid_state(grid)
@@ -132,12 +147,9 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
                                      list(grid.track), grid.track_uri)
     datasets: dict[tuple, Any] = {}
     done: dict[str, Any] = {"worker": name, "runs": [], "interrupted": False, "error": None}
-    settled: set[tuple[str, str]] = set()  # a settled run stays settled: records are never removed, only added
+    unsettled = Unsettled(grid)
     while True:
-        unsettled = [c for c in grid.unique() if (c.results_dir, c.config_hash) not in settled]
-        state = grid_state(grid, unsettled)  # reads the records of these runs only, not the whole grid again
-        settled |= {run for run, record in state.items() if record is not None}
-        pending = [c for c in unsettled if state[(c.results_dir, c.config_hash)] is None]
+        pending = unsettled()
         if not pending:
             return done
         progressed = False
@@ -567,9 +579,10 @@ def execute(grid: Grid, spec: ExecutorSpec, make_reporter: Callable[[RunConfig],
         free = [c for c in pending if not held_by_live_worker(c)]  # the rest run in jobs submitted earlier
         if not free:
             announce(f"all {len(pending)} runs to do are held by live workers (earlier jobs): waiting for them")
+        unsettled = Unsettled(grid)  # polled every POLL_S: the settled runs' records are not read again
         run_array(run_worker, grid, len(free), Path(grid.configs[0].results_dir) / "slurm", spec, announce,
-                  progress=lambda: f"{len(collect(grid)[0])}/{len(grid.unique())} runs settled",
-                  busy=lambda: any(held_by_live_worker(c) for c in collect(grid)[1]), what="run(s)",
+                  progress=lambda: f"{len(grid.unique()) - len(unsettled())}/{len(grid.unique())} runs settled",
+                  busy=lambda: any(held_by_live_worker(c) for c in unsettled()), what="run(s)",
                   status_dir=grid.configs[0].results_dir)
     if not interrupted and spec.kind == "local":
         # A worker killed outright (SIGKILL, OOM killer) left its run: finish it here. Not for submitit

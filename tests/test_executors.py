@@ -232,3 +232,27 @@ def test_an_error_ends_the_serial_the_workers_and_the_submitit_compare_alike(tmp
                                        if "cannot be loaded" in line]))
     assert seen[0] == seen[1] == seen[2], seen
     assert seen[0][0] == 1 and len(seen[0][1]) == 1 and seen[0][1][0].startswith("error:"), seen
+
+
+def test_a_loop_that_asks_again_reads_only_the_runs_not_settled_yet(tmp_path: Path, monkeypatch):
+    """A worker asks after each run, the SLURM parent every 2 s: a settled run's records are not read again."""
+    from conftest import tiny_config
+
+    from optbench.executors import Grid, Unsettled
+    from optbench.experiment import resolve_runtime
+    from optbench.records import write_record
+
+    adamw, lion = (resolve_runtime(tiny_config(name, tmp_path)) for name in ("adamw", "lion"))
+    unsettled = Unsettled(Grid((adamw, lion)))
+    assert unsettled() == [adamw, lion]
+    history = [{"epoch": i, "test_acc": 0.5, "train_time_s": float(i)} for i in range(1, adamw.epochs + 1)]
+    finished = write_record(tmp_path, {
+        "schema_version": 1, "optimizer": adamw.optimizer, "status": "ok", "config": adamw.to_dict(),
+        "config_hash": adamw.config_hash, "final_test_acc": 0.5, "train_wall_time_s": 2.0, "history": history,
+        "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:01:00Z"})
+    read = []
+    real_read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: read.append(self.name) or real_read_text(self, *a, **k))
+    assert unsettled() == [lion] and read == [finished.name]  # settled now: read once ...
+    read.clear()
+    assert unsettled() == [lion] and read == []  # ... and never again
