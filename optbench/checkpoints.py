@@ -97,8 +97,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
             # disk first, a machine crash (power, kernel, a lost cluster node) can leave the new name
             # holding nothing (XFS; ext4 mounted noauto_da_alloc) and the run's progress is gone, not just
             # its last epoch. A killed process needs no fsync (the page cache outlives it); a crashed node
-            # does, and resuming after one is what checkpoints are for. It costs about an eighth of a save
-            # here (benchmarks/checkpoint_cost.py: 16 ms of 137 for 65 MB on this machine's ext4).
+            # does, and resuming after one is what checkpoints are for. It costs about a ninth of a save
+            # here (benchmarks/checkpoint_cost.py: 10 ms of 90 for 65 MB on this machine's ext4).
             os.fsync(handle.fileno())
         os.replace(tmp, path)  # the same run's newer state replaces its older one, atomically
     except OSError as exc:
