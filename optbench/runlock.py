@@ -93,19 +93,24 @@ def lock_is_stale(owner: dict[str, Any] | None) -> bool:
 
 def run_lost(results_dir: str | Path, config_hash: str | None, host: str | None, pid: Any,
              started_at: float | None) -> bool:
-    """Whether the process that took up a run (`host`, `pid`, since `started_at`) is gone, for work that
-    holds the run's lock for nearly all its life (a tune trial: `tune.trial_lost`):
-    - a lock: gone when the lock is stale (its holder dead on this host, or no heartbeat for LOCK_STALE_S);
-    - no lock, the process on this host: gone when it is dead;
-    - no lock, another host: gone when neither `started_at` nor the run's checkpoint or record is younger
-      than LOCK_STALE_S (between taking the work and the lock, or the lock and the end, takes a moment, not
-      minutes; `started_at` is the other host's clock, so clock skew must stay well below LOCK_STALE_S).
+    """Whether the process that took up a run (`host`, `pid`, since `started_at`; None when it has not said
+    yet) is gone, for work that holds the run's lock for nearly all its life (a tune trial: `tune.trial_lost`):
+    - a live lock: not gone (held by that process, or by another one it waits for);
+    - a stale lock held by that process: gone (dead on this host, or no heartbeat for LOCK_STALE_S);
+    - otherwise (no lock, or a stale one of an earlier attempt, which that process breaks when it takes the
+      lock), the process on this host: gone when it is dead;
+    - another host, or not known yet: gone when neither `started_at` nor the run's checkpoint or record is
+      younger than LOCK_STALE_S (between taking the work and the lock, or the lock and the end, takes a
+      moment, not minutes; `started_at` is the other host's clock, so clock skew must stay well below
+      LOCK_STALE_S).
     """
     if config_hash:
         owner = read_lock(lock_path(results_dir, config_hash))
-        if owner is not None:
-            return lock_is_stale(owner)
-    if host == socket.gethostname():
+        if owner is not None and not lock_is_stale(owner):
+            return False
+        if owner is not None and host is not None and (owner.get("host"), owner.get("pid")) == (host, pid):
+            return True
+    if host is not None and host == socket.gethostname():
         return not _pid_alive(pid)
     if started_at is not None and time.time() - started_at < LOCK_STALE_S:
         return False

@@ -49,7 +49,7 @@ from optbench.executors import ExecutorSpec, worker_name
 from optbench.study_storage import (DEFAULT_HEARTBEAT_S, STUDY_FILE, _quiet_optuna, _redact,  # noqa: F401
                                      default_storage, heartbeat_enabled, open_storage)
 from optbench.search_space import SearchSpace, check_equal_grids, parse_search_space
-from optbench.tune_analysis import Budget, budget_status, best_trial, trial_dicts
+from optbench.tune_analysis import Budget, budget_status, best_trial, trial_dicts, trial_process
 
 SPACES = ("grid", "sobol")
 
@@ -342,8 +342,7 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
             slot = trial.user_attrs.get("slot")
             if slot is None:  # another worker took the last queued trial first: nothing planned is left
                 raise optuna.TrialPruned("no planned trial was waiting")
-            trial.set_user_attr("host", socket.gethostname())  # whose it is, for trial_lost on journal storage
-            trial.set_user_attr("pid", os.getpid())
+            mark_taken(trial)
             current["number"] = trial.number
             params = {p.name: trial.suggest_float(p.name, p.low, p.high, log=p.log) for p in spec.space.params}
             config = trial_config(spec.base, params)
@@ -436,8 +435,14 @@ def trial_lost(trial, trials_dir: Path) -> bool:
     from optbench.runlock import run_lost
 
     start = trial.datetime_start.timestamp() if trial.datetime_start is not None else None
-    return run_lost(trials_dir, trial.user_attrs.get("config_hash"), trial.user_attrs.get("host"),
-                    trial.user_attrs.get("pid"), start)
+    return run_lost(trials_dir, trial.user_attrs.get("config_hash"), *trial_process(trial.number, trial.user_attrs),
+                    start)
+
+
+def mark_taken(trial) -> None:
+    """Say which process runs the trial (for `trial_lost` and `optbench status`), first thing in its objective:
+    one user attribute, so a reader never sees this host with the pid of the lost worker a retry inherits."""
+    trial.set_user_attr("process", {"trial": trial.number, "host": socket.gethostname(), "pid": os.getpid()})
 
 
 def retry(study, trial, counted: bool = True) -> None:

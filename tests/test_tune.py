@@ -326,6 +326,41 @@ def test_a_sigkilled_worker_on_journal_storage_is_retried_through_its_run_lock(t
     assert "3/3 trials settled" in show_status(results)
 
 
+def test_a_retried_trial_is_not_failed_while_its_worker_lives_beside_the_lost_workers_stale_lock(tmp_path: Path):
+    """Journal storage: a lost worker's trial is failed and re-queued; the retry starts with a copy of its user
+    attributes (the dead worker's host and pid) and the dead worker's stale run lock is still there until the
+    retry's worker breaks it. Neither may make another worker fail the retry while its own worker lives (before:
+    it was failed at once, a second retry spent, and its run trained by two workers)."""
+    from optbench.runlock import lock_path
+    from optbench.tune import fail_lost_trials, mark_taken, trial_lost
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid of this host that is dead
+    trials_dir, config_hash = tmp_path / "trials", "0123456789abcdef"
+    study = optuna.create_study(study_name="s", storage=open_storage(f"journal:{tmp_path / 'journal.log'}"))
+    study.enqueue_trial({}, user_attrs={"slot": 0, "defaults": True})
+    lost = study.ask()
+    lost.set_user_attr("process", {"trial": lost.number, "host": socket.gethostname(), "pid": gone.pid})
+    lost.set_user_attr("config_hash", config_hash)
+    lock = lock_path(trials_dir, config_hash)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "token": "dead worker's"}))
+
+    fail_lost_trials(study, False, trials_dir)  # the dead worker's trial: failed and re-queued
+    retry = study.ask()
+    assert (lost.number, retry.number) == (0, 1)
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert frozen[0].state.name == "FAIL" and frozen[1].system_attrs["retry_history"] == [0]
+    assert frozen[1].user_attrs["process"]["pid"] == gone.pid  # inherited
+    assert not trial_lost(frozen[1], trials_dir)  # just taken, its worker not said yet
+    mark_taken(retry)  # this process is the retry's worker; the stale lock is not broken yet
+    assert not trial_lost(study.get_trials(deepcopy=False)[1], trials_dir)
+    fail_lost_trials(study, False, trials_dir)
+    assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["FAIL", "RUNNING"]  # no second retry
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": "the retry's"}))
+    assert not trial_lost(study.get_trials(deepcopy=False)[1], trials_dir)  # holding the lock, alive
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
