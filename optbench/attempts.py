@@ -55,8 +55,9 @@ def records_by_hash(results_dir: str | Path, config_hashes: set[str] | None = No
     """The usable records of a results directory grouped by config hash (one group per run). With
     `config_hashes`, of those runs only, read from the files named for them (records.records_of_runs,
     which tells `warn` of a record whose config was edited). A record whose config is not the one its
-    hash was made from (records.config_mismatch) stands for no run."""
-    from optbench.records import config_mismatch, load_records, records_of_runs
+    hash was made from, or whose name does not hold its hash (records.reuse_problem), stands for no run:
+    the whole folder's grouping (`optbench status`) and the look by name agree."""
+    from optbench.records import load_records, records_of_runs, reuse_problem
 
     if config_hashes is not None:
         return records_of_runs(results_dir, config_hashes, warn)
@@ -64,7 +65,7 @@ def records_by_hash(results_dir: str | Path, config_hashes: set[str] | None = No
         return {}
     out: dict[str, list[dict[str, Any]]] = {}
     for record in load_records(results_dir).records:
-        if config_mismatch(record) is None:
+        if reuse_problem(record) is None:
             out.setdefault(record["config_hash"], []).append(record)
     return out
 

@@ -459,18 +459,25 @@ def finished_runs(results_dir: str | Path, skipped: Callable[[str], None] | None
     for rec in loaded.records:
         if rec["status"] not in ("ok", "diverged"):
             continue
-        name = Path(rec["_path"]).name
-        problem = config_mismatch(rec)
-        if problem is None and _named_hash(name, {rec["config_hash"]}) is None:
-            # the look under the lock (records_of_runs) finds a run's records by name: so must this one
-            problem = (f"its name does not hold its config_hash {rec['config_hash']}, by which a run's records "
-                       f"are found, so it is not reused: name it {record_filename(rec)}")
+        problem = reuse_problem(rec)
         if problem:
             if skipped is not None:
-                skipped(f"{name}: {problem}")
+                skipped(f"{Path(rec['_path']).name}: {problem}")
         elif rec.get("finished_at", "") >= newest.get(rec["config_hash"], {}).get("finished_at", ""):
             newest[rec["config_hash"]] = rec
     return newest
+
+
+def reuse_problem(record: dict[str, Any]) -> str | None:
+    """Why a usable record loaded from a folder (`_path` set) stands for no run, or None: its config is not
+    its hash's (`config_mismatch`), or its name does not hold its hash. The look under a run's lock
+    (records_of_runs) finds a run's records by name, so every whole-folder look (compare's first look,
+    `optbench status`) must leave out what that look cannot see."""
+    problem = config_mismatch(record)
+    if problem is None and _named_hash(Path(record["_path"]).name, {record["config_hash"]}) is None:
+        problem = (f"its name does not hold its config_hash {record['config_hash']}, by which a run's records "
+                   f"are found, so it is not reused: name it {record_filename(record)}")
+    return problem
 
 
 def _named_hash(name: str, hashes: set[str]) -> str | None:

@@ -241,3 +241,23 @@ def test_a_renamed_record_is_named_by_the_one_pass_and_found_by_no_look(tmp_path
     assert find_finished(tmp_path, minimal_record()["config_hash"]) is None
     renamed.rename(written)
     assert find_finished(tmp_path, minimal_record()["config_hash"])["_path"] == str(written)
+
+
+def test_status_counts_a_renamed_or_edited_record_as_no_run_of_its_hash(tmp_path):
+    """`optbench status` says what compare and the workers would do: a record they do not reuse (renamed
+    away from its hash, or its config edited) does not make the planned run finished there either."""
+    from optbench.status import grid_status, record_plan
+
+    config_hash = minimal_record()["config_hash"]
+    record_plan(tmp_path, [{"config_hash": config_hash, "optimizer": "adamw", "seed": 0}])
+    written = write_record(tmp_path, minimal_record())
+    assert [run.state for run in grid_status(tmp_path)[0]] == ["finished"]
+    renamed = written.rename(tmp_path / "adamw-best.json")
+    assert find_finished(tmp_path, config_hash) is None  # compare, run --resume and the workers train it again
+    assert [run.state for run in grid_status(tmp_path)[0]] == ["planned"]
+    edited = json.loads(renamed.read_text())
+    edited["config"]["batch_size"] = 64
+    renamed.unlink()
+    write_record(tmp_path, edited)
+    assert find_finished(tmp_path, config_hash) is None
+    assert [run.state for run in grid_status(tmp_path)[0]] == ["planned"]
