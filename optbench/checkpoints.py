@@ -156,10 +156,10 @@ def load_checkpoint(path: Path, config_hash: str) -> dict[str, Any]:
     missing = [k for k in PAYLOAD_KEYS if k not in payload]
     if missing:
         raise refuse(f"lacks {', '.join(missing)}")
-    progress = payload["progress"]
-    if header.epochs_done is not None and not (isinstance(progress, dict) and (header.epochs_done, header.steps) == (
-            progress.get("epochs_done"), progress.get("steps"))):
-        raise refuse(f"says epoch {header.epochs_done}, step {header.steps} in its header, not what its payload holds")
+    # The header is not under the digest: all four figures (status prints them) must be the payload's.
+    said = (header.epochs_done, header.epochs, header.steps, header.total_steps)
+    if header.epochs_done is not None and said != _reached(payload):
+        raise refuse("says epoch %d of %d, step %d of %d in its header, not what its payload holds" % said)
     return payload
 
 

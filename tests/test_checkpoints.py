@@ -151,7 +151,11 @@ def test_a_header_that_disagrees_with_its_payload_is_refused(stopped, tmp_path):
     document = path.read_bytes()
     assert b" epoch=0/2 step=5/26\n" in document.split(b"\n", 1)[0] + b"\n"  # stopped at step 5 of 13 x 2
     path.write_bytes(document.replace(b" epoch=0/2 step=5/26\n", b" epoch=1/2 step=18/26\n", 1))
-    with pytest.raises(CheckpointError, match="says epoch 1, step 18 in its header"):
+    with pytest.raises(CheckpointError, match="says epoch 1 of 2, step 18 of 26 in its header"):
+        run_experiment(config, resume=True)
+    # the plan's length too: `optbench status` prints it from this line ("epoch 0 of 9 done, step 5 of 99")
+    path.write_bytes(document.replace(b" epoch=0/2 step=5/26\n", b" epoch=0/9 step=5/99\n", 1))
+    with pytest.raises(CheckpointError, match="says epoch 0 of 9, step 5 of 99 in its header"):
         run_experiment(config, resume=True)
 
 
