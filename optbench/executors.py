@@ -210,8 +210,17 @@ def threads_per_worker(workers: int) -> int:
 def _local_task(work: Callable[..., dict[str, Any]], payload: Any, name: str, visible_devices: str | None,
                 quiet: bool, results: Any) -> None:
     """One `--workers` process: `work` (run_worker or tune.tune_worker), its result to the parent, and the
-    exit code of its outcome (attempts.py)."""
-    result = work(payload, name, visible_devices=visible_devices, quiet=quiet)
+    exit code of its outcome (attempts.py). A spawned process does not start in the CLI's `main`: SIGTERM is
+    made Ctrl-C here as there, so a signal that finds the worker outside a run (waiting for a run another
+    holds, loading data, between trials) stops it too (exit 130), not the signal's default action (a tune
+    trial left RUNNING, judged lost) or a KeyboardInterrupt traceback (exit 1, taken for an error)."""
+    from optbench.interrupt import sigterm_as_ctrl_c
+
+    sigterm_as_ctrl_c()
+    try:
+        result = work(payload, name, visible_devices=visible_devices, quiet=quiet)
+    except KeyboardInterrupt:
+        result = {"worker": name, "interrupted": True, "error": None}
     results.put(result)
     raise SystemExit(EXIT_STOPPED if result.get("interrupted") else EXIT_ERROR if result.get("error") else 0)
 
@@ -235,16 +244,19 @@ def run_local_workers(work: Callable[..., dict[str, Any]], payload: Any, count: 
     for proc in procs:
         proc.start()
     got: dict[str, dict[str, Any]] = {}
-    errors: list[str] = []
     stopped: set[int] = set()
+
+    def errors_so_far() -> list[str]:
+        while not results.empty():
+            result = results.get()
+            got[result["worker"]] = result
+        errors = [got[n]["error"] for n in names if (got.get(n) or {}).get("error")]
+        return errors + [f"{n} ended with exit code {p.exitcode} (its traceback is above)" for n, p in zip(names, procs)
+                         if p.exitcode not in (None, 0, EXIT_STOPPED) and p.exitcode > 0 and n not in got]
+
     while True:
         try:
-            while not results.empty():
-                result = results.get()
-                got[result["worker"]] = result
-            errors = [got[n]["error"] for n in names if (got.get(n) or {}).get("error")]
-            errors += [f"{n} ended with exit code {p.exitcode} (its traceback is above)" for n, p in zip(names, procs)
-                       if p.exitcode not in (None, 0, EXIT_STOPPED) and p.exitcode > 0 and n not in got]
+            errors = errors_so_far()
             alive = [p for p in procs if p.is_alive()]
             for proc in alive if errors else ():
                 if proc.pid not in stopped:  # once: a second SIGTERM would stop it without a checkpoint
@@ -255,6 +267,7 @@ def run_local_workers(work: Callable[..., dict[str, Any]], payload: Any, count: 
             alive[0].join(timeout=0.5)
         except KeyboardInterrupt:
             continue  # the workers got it too: wait for them to save and stop
+    errors = errors_so_far()  # a result put just before its worker ended, after the last look
     if errors:
         raise ExecutorError("; ".join(dict.fromkeys(errors)))
     return [p.exitcode for p in procs]

@@ -256,3 +256,42 @@ def test_a_loop_that_asks_again_reads_only_the_runs_not_settled_yet(tmp_path: Pa
     assert unsettled() == [lion] and read == [finished.name]  # settled now: read once ...
     read.clear()
     assert unsettled() == [lion] and read == []  # ... and never again
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_signalled_while_it_waits_for_a_held_run_stops_as_stopped(tmp_path: Path, capfd, sig):
+    """The signal a worker gets when a sibling met an error (SIGTERM) or from Ctrl-C (SIGINT) may find it outside
+    a run: here waiting for a run another live process holds. It stops like a stopped run (exit 130, no
+    traceback), as the serial compare does. Before: SIGTERM killed it by the default action (taken for a lost
+    worker) and Ctrl-C printed a KeyboardInterrupt traceback and ended `compare --workers` with exit 1."""
+    import multiprocessing
+    import threading
+
+    from conftest import tiny_config
+
+    from optbench.executors import Grid, run_local_workers, run_worker
+    from optbench.experiment import resolve_runtime
+
+    config = resolve_runtime(tiny_config("adamw", tmp_path))
+    held = acquire_run_lock(tmp_path, config.config_hash)  # a live holder: the worker waits for it
+    outcome: dict = {}
+    waiting = threading.Thread(target=lambda: outcome.update(
+        codes=run_local_workers(run_worker, Grid((config,)), 1, "test", quiet=True)))
+    try:
+        waiting.start()
+        deadline = time.time() + 180
+        while time.time() < deadline:  # the worker is in run_worker once it has imported torch
+            children = multiprocessing.active_children()
+            if children and "libtorch" in Path(f"/proc/{children[0].pid}/maps").read_text():
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the worker did not start")
+        time.sleep(2)  # in its wait for the held run
+        os.kill(children[0].pid, sig)
+        waiting.join(timeout=120)
+    finally:
+        held.release()
+    assert outcome.get("codes") == [130], (outcome, capfd.readouterr().err[-3000:])
+    assert "Traceback" not in capfd.readouterr().err
+    assert not list(tmp_path.glob("*.json"))  # nothing ran
