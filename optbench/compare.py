@@ -34,33 +34,31 @@ def data_key(config: RunConfig) -> tuple:
     return (config.dataset, config.data_dir, config.download, config.subset, config.test_subset)
 
 
+HELD_POLL_S = 2.0  # how often a run another live process holds is asked for again (as the workers do)
+
+
 def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callable[[RunConfig], Any],
                    announce: Callable[[str], None], datasets: dict[tuple, ImageData] | None = None
                    ) -> list[dict[str, Any]]:
     """Run what has no finished record (ok or diverged) yet, or everything with `rerun`: the serial executor,
-    following attempts.py's rule as the workers do.
+    following attempts.py's rule as the workers do. Returns the records in plan order.
 
     A run that was interrupted or killed has no finished record: it continues from its checkpoint, so
     a killed comparison resumes where it stopped; an out-of-memory run is tried again. A run another
-    live process holds is skipped. The dataset is loaded once and shared by all runs (`datasets` may
+    live process holds is left to it and, once the others are done, waited for as the workers wait: its
+    record is reused when the holder finishes it, and the run is taken over here when the holder stops or
+    dies, so the report never lacks it. The dataset is loaded once and shared by all runs (`datasets` may
     hold it already). The records read
     at the start only spare loading data for runs already done; whether a run is trained is decided
     again under its lock (`claim_run`), so a run another process finished meanwhile is reused, not retrained.
     """
-    records = []
+    records: dict[int, dict[str, Any]] = {}  # plan position -> record
     trained_seconds: dict[str, list[float]] = {}  # optimizer -> wall-times of its runs trained here
     datasets = dict(datasets or {})  # data_key -> dataset already loaded (e.g. to estimate the time)
     finished: dict[str, dict[str, dict[str, Any]]] = {}  # results dir -> config hash -> record, read once
-    for i, config in enumerate(configs, 1):
-        label = f"[{i}/{len(configs)}] {config.optimizer} seed {config.seed}"
-        if not rerun and config.results_dir not in finished:
-            finished[config.results_dir] = finished_runs(config.results_dir,
-                                                         skipped=lambda problem: announce(f"skipped: {problem}"))
-        existing = None if rerun else finished[config.results_dir].get(config.config_hash)
-        if existing is not None:
-            announce(f"{label}: reusing {existing['_path']} ({existing['status']})")
-            records.append(existing)
-            continue
+
+    def attempt(i: int, config: RunConfig, label: str) -> dict[str, Any] | None:
+        """The run's record (reused, or trained here), or None while another live process holds it."""
         key = data_key(config)
         if key not in datasets:
             datasets[key] = load_dataset(config.dataset, config.data_dir, config.download, config.subset,
@@ -72,13 +70,11 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
             with make_reporter(config) as reporter:
                 record, path = run_experiment(config, reporter, data=datasets[key], resume=not rerun,
                                               settled=settled)
-        except RunBusy as exc:
-            announce(f"{label}: skipped, {exc}")
-            continue
+        except RunBusy:
+            return None
         if record.get("_reused"):  # another process finished it after the records above were read
             announce(f"{label}: reusing {record['_path']} ({record['status']}), finished meanwhile by another process")
-            records.append(record)
-            continue
+            return record
         trained_seconds.setdefault(config.optimizer, []).append(time.perf_counter() - started)
         record["_path"] = str(path)
         to_train = [c.optimizer for c in configs[i:]
@@ -88,10 +84,45 @@ def run_comparison(configs: list[RunConfig], rerun: bool, make_reporter: Callabl
                  + (f"{record['final_test_acc']:.2%}" if record["final_test_acc"] is not None else "-")
                  + f", {record['train_wall_time_s']:.1f}s -> {path}"
                  + (f"; ETA {duration_text(left)} for the {len(to_train)} run(s) still to train" if to_train else ""))
-        records.append(record)
+        return record
+
+    def ordered() -> list[dict[str, Any]]:
+        return [records[i] for i in sorted(records)]
+
+    held: dict[int, tuple[RunConfig, str]] = {}  # plan position -> a run another live process holds
+    for i, config in enumerate(configs, 1):
+        label = f"[{i}/{len(configs)}] {config.optimizer} seed {config.seed}"
+        if not rerun and config.results_dir not in finished:
+            finished[config.results_dir] = finished_runs(config.results_dir,
+                                                         skipped=lambda problem: announce(f"skipped: {problem}"))
+        existing = None if rerun else finished[config.results_dir].get(config.config_hash)
+        if existing is not None:
+            announce(f"{label}: reusing {existing['_path']} ({existing['status']})")
+            records[i] = existing
+            continue
+        record = attempt(i, config, label)
+        if record is None:
+            announce(f"{label}: held by another live process ({config.config_hash}); waiting for it once the other "
+                     "runs are done")
+            held[i] = (config, label)
+            continue
+        records[i] = record
         if outcome(record) == "stopped":  # attempts.py: a stop ends the command; an error raised ends it too
-            break
-    return records
+            return ordered()
+    if held:
+        announce(f"waiting for {len(held)} run(s) other live processes hold: their records are reused when they "
+                 "finish, a run whose holder stops or dies is taken over here (Ctrl-C stops waiting)")
+    while held:
+        time.sleep(HELD_POLL_S)
+        for i, (config, label) in list(held.items()):
+            record = attempt(i, config, label)
+            if record is None:
+                continue
+            del held[i]
+            records[i] = record
+            if outcome(record) == "stopped":
+                return ordered()
+    return ordered()
 
 
 def remaining_seconds(trained_seconds: dict[str, list[float]], to_train: list[str]) -> float:
