@@ -106,26 +106,29 @@ def _one(run: dict[str, Any], records: list[dict[str, Any]], checkpoints: Path) 
             who += f", job {owner['job_id']}"
         if owner.get("worker"):
             who += f", {owner['worker']}"
+        reached = _reached(checkpoint)
         if lock_is_stale(owner):
             return make("stale", f"lock of {who} (gone, heartbeat {_age(owner['age_s'])} ago): the next worker "
-                        "resumes it")
+                        "resumes it" + (f" from its checkpoint ({reached})" if reached else ""))
         since = owner.get("started_at")
         held = f" for {_age(time.time() - since)}" if isinstance(since, (int, float)) else ""
-        return make("running", f"{who}{held}, heartbeat {_age(owner['age_s'])} ago")
+        return make("running", f"{who}{held}, heartbeat {_age(owner['age_s'])} ago"
+                    + (f"; last checkpoint: {reached}" if reached else ""))
     if latest is not None and outcome(latest) == "failed":
         return make("failed", f"{latest['status']}: {latest.get('status_detail') or ''}".strip())
     if checkpoint.exists():
-        return make("stopped", f"{_reached(checkpoint)}checkpoint saved {_age(time.time() - checkpoint.stat().st_mtime)} "
-                    "ago; compare resumes it")
+        reached = _reached(checkpoint)
+        return make("stopped", (f"{reached}; " if reached else "") + f"checkpoint saved "
+                    f"{_age(time.time() - checkpoint.stat().st_mtime)} ago; compare resumes it")
     return make("planned", "")
 
 
 def _reached(checkpoint: Path) -> str:
-    """How far a checkpoint's run got, from its header line ('' for a version-2 or unreadable header)."""
+    """How far a checkpoint's run got, from its first line only ('' without one, or for a version-2 header)."""
     header = read_header(checkpoint)
     if header is None or header.epochs_done is None:
         return ""
-    return f"epoch {header.epochs_done} of {header.epochs} done, step {header.steps} of {header.total_steps}; "
+    return f"epoch {header.epochs_done} of {header.epochs} done, step {header.steps} of {header.total_steps}"
 
 
 # --- a tune folder: its studies (read from their storage, never written) and its final runs ----------------

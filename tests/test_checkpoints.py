@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,6 +206,14 @@ def test_status_says_how_far_a_stopped_run_got_from_the_header_alone(stopped, tm
     assert run.state == "stopped" and run.config_hash == config.config_hash
     assert run.detail.startswith("epoch 0 of 2 done, step 5 of 26; checkpoint saved"), run.detail
     assert consumed and 0 < sum(consumed) < 200 < path.stat().st_size  # its first line, not the payload
+    # Its worker killed outright (a lock whose process is gone): the next worker resumes it from there.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = path.with_suffix(".lock")
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout), "token": "t"}))
+    (run,), _ = status_module.grid_status(results)
+    assert run.state == "stale" and run.detail.endswith(
+        "the next worker resumes it from its checkpoint (epoch 0 of 2 done, step 5 of 26)"), run.detail
+    lock.unlink()
     path.write_bytes(as_version_2(path))  # an older checkpoint: no progress in its header, the age as before
     (run,), _ = status_module.grid_status(results)
     assert run.state == "stopped" and run.detail.startswith("checkpoint saved"), run.detail

@@ -95,7 +95,8 @@ def test_a_sigkilled_worker_costs_only_its_run_which_resumes(tmp_path: Path):
     os.kill(pid, signal.SIGSTOP)
     assert killed_hash not in {r["config_hash"] for r in records(results)}, "the run finished before it was stopped"
     shown = status(results)
-    assert any(killed_hash in line and "running" in line and f"pid {pid}" in line for line in shown.splitlines()), shown
+    assert any(killed_hash in line and "running" in line and f"pid {pid}" in line
+               and "last checkpoint: epoch" in line for line in shown.splitlines()), shown
     os.kill(pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
