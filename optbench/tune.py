@@ -269,15 +269,19 @@ def _run_trial_run(config: RunConfig, data, say: Callable[[str], None], track: t
         warn = None
         if existing is not None:
             return existing, Path(existing["_path"])
+
+        def settled() -> dict[str, Any] | None:  # the look under the lock, silent: the one above named it
+            return find_finished(config.results_dir, config.config_hash)
+
         try:
             if not track:
-                return run_experiment(config, None, data=data, resume=True)
+                return run_experiment(config, None, data=data, resume=True, settled=settled)
             from optbench.console import RichReporter
             from optbench.tracking import reporter_factory
 
             with reporter_factory(lambda c: RichReporter(c.optimizer, quiet=True), list(track), track_uri)(config) \
                     as reporter:
-                return run_experiment(config, reporter, data=data, resume=True)
+                return run_experiment(config, reporter, data=data, resume=True, settled=settled)
         except RunBusy:
             say(f"{config.optimizer} {config.config_hash}: held by another live process; waiting for it")
             time.sleep(2)

@@ -138,3 +138,25 @@ def test_a_record_whose_config_was_edited_after_the_run_is_named_and_the_run_tra
     assert out.exit_code == 0, out.output
     assert out.output.count(path.name) == 1, out.output
     assert len(load_records(tmp_path).records) == 2
+
+
+def test_a_tune_trial_names_an_edited_record_of_its_run_once_with_a_tracker_too(tmp_path: Path, capsys):
+    """A trial's run (tune._run_trial_run) whose record was edited by hand names the file once and trains,
+    with --track as without (the tracker's reporter must not name it a second time under the lock)."""
+    from optbench.tune import _run_trial_run
+
+    for track in ((), ("tensorboard",)):
+        results = tmp_path / f"track-{len(track)}"
+        config = tiny("adamw", results)
+        first, path = run_experiment(config)
+        edited = json.loads(path.read_text())
+        edited["config"]["hparams"]["lr"] *= 10  # by hand, after the run
+        path.write_text(json.dumps(edited))
+        capsys.readouterr()
+        said: list[str] = []
+        record, _ = _run_trial_run(config, None, said.append, track, str(tmp_path / "tb") if track else None)
+        printed = capsys.readouterr()  # warnings go to stderr (console.py)
+        shown = said + printed.out.splitlines() + printed.err.splitlines()
+        assert record["status"] == "ok" and record["resumed"] is False
+        assert len(load_records(results).records) == 2  # trained anew, the edited record not reused
+        assert sum(path.name in line for line in shown) == 1, (track, shown)
