@@ -67,9 +67,6 @@ def worker_name() -> str:
 # --- reading where the grid stands, from the records -----------------------------------------------------
 
 
-_records_by_hash = records_by_hash  # the one grouping of records by run (attempts.py), also status's
-
-
 def settled_record(grid: Grid, records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The record that settles a run for `grid` among `records` (one config hash's), or None (attempts.py)."""
     return settling_record(records, grid.since, grid.rerun)
@@ -79,7 +76,7 @@ def grid_state(grid: Grid, configs: list[RunConfig] | None = None) -> dict[tuple
     """(results dir, config hash) -> the record that settles the run, or None, read in one pass; for
     `configs` only (default: the whole grid), whose records alone are read."""
     configs = grid.unique() if configs is None else configs
-    by_dir = {d: _records_by_hash(d, {c.config_hash for c in configs if c.results_dir == d})
+    by_dir = {d: records_by_hash(d, {c.config_hash for c in configs if c.results_dir == d})
               for d in {c.results_dir for c in configs}}
     return {(c.results_dir, c.config_hash): settled_record(grid, by_dir[c.results_dir].get(c.config_hash, []))
             for c in configs}
@@ -157,7 +154,7 @@ def run_worker(grid: Grid, name: str | None = None, visible_devices: str | None 
             key = data_key(config)
 
             def settled_now(config=config) -> dict[str, Any] | None:  # asked once the run's lock is held
-                return settled_record(grid, _records_by_hash(config.results_dir, {config.config_hash},
+                return settled_record(grid, records_by_hash(config.results_dir, {config.config_hash},
                                                              warn)[config.config_hash])
 
             try:

@@ -184,7 +184,7 @@ def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[S
 
     from optbench.attempts import MAX_RETRY
     from optbench.runlock import run_lost
-    from optbench.study_storage import open_study_storage
+    from optbench.study_storage import STUDY_FILE, open_study_storage
     from optbench.tune_analysis import budget_status, trial_dicts
 
     try:
@@ -192,7 +192,7 @@ def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[S
     except (OSError, ValueError, AttributeError):
         index = {}
     urls = {info.get("storage") for info in index.values() if isinstance(info, dict)} - {None}
-    default = tune_dir / "optuna.sqlite3"
+    default = tune_dir / STUDY_FILE
     url = storage or (urls.pop() if len(urls) == 1 else f"sqlite:///{default.resolve()}" if default.is_file() else None)
     if url is None:
         raise RecordError(f"{tune_dir} does not say which Optuna storage holds its studies: pass --storage")

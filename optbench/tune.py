@@ -46,8 +46,8 @@ from optbench.errors import ConfigError, OptbenchError
 from optbench.attempts import EXIT_STOPPED, MAX_RETRY
 from optbench.attempts import outcome as attempt_outcome
 from optbench.executors import ExecutorSpec, worker_name
-from optbench.study_storage import (DEFAULT_HEARTBEAT_S, STUDY_FILE, _quiet_optuna, _redact,  # noqa: F401
-                                     default_storage, heartbeat_enabled, open_storage)
+from optbench.study_storage import (DEFAULT_HEARTBEAT_S, _quiet_optuna, _redact, default_storage,  # noqa: F401
+                                     heartbeat_enabled, open_storage)
 from optbench.search_space import SearchSpace, check_equal_grids, parse_search_space
 from optbench.tune_analysis import Budget, budget_status, best_trial, trial_dicts, trial_process
 
