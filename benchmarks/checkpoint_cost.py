@@ -18,6 +18,8 @@ of them alike), one torch thread. Printed: the median and min-max per variant, a
                           with and without the zip's CRC-32, getvalue() (a copy of the blob), SHA-256 of it,
                           write to the page cache, fsync of that file
   load: before / now      load_checkpoint before (v2 code below) and now, of the file each wrote
+and, once after the rounds, the peak of the Python heap during each save (tracemalloc: the in-memory copy
+of the payload the save before made).
 
 Files go to --dir (default: a temporary folder in the current directory, i.e. the disk `results/` is
 on, since /tmp may be a RAM disk where fsync costs nothing); its file system is printed.
@@ -33,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -228,6 +231,12 @@ def measure(folder: Path, repeats: int) -> None:
     print(f"load average (1 min) during the rounds: {min(load_avg):.2f}-{max(load_avg):.2f}")
     for name, values in times.items():
         print(f"{name:42s} {stats(values)}")
+    for name in ("save: before (v2)", "save: now"):  # memory, once each after the timed rounds (tracemalloc slows)
+        tracemalloc.start()
+        variants[name]()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"{name:42s} peak Python heap during the save (tracemalloc): {peak / 1e6:.1f} MB")
     for what in ("save", "load"):
         ratios = [b / a for a, b in zip(times[f"{what}: before (v2)"], times[f"{what}: now"])]
         print(f"{what}: now / before, per round: median {statistics.median(ratios):.2f}x "
