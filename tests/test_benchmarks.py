@@ -52,3 +52,24 @@ def test_setup_cost_imports_and_ceiling_sections_print_their_figures():
     rates = re.search(r"matrix products run at (\d+) GFLOP/s; a 1024\^2 fp32 product on this core at (\d+) GFLOP/s", out)
     assert rates and int(rates.group(1)) > 0 and int(rates.group(2)) > 0, out
     assert "aten::mm" in out  # the step's largest operators are named
+
+
+def test_the_checkpoint_and_record_lookup_benchmarks_run_and_print_their_figures(tmp_path):
+    """benchmarks/checkpoint_cost.py and record_lookup.py at their smallest: every line the README quotes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = SCRIPT.parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "checkpoint_cost.py"), "--repeats", "1",
+                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("save: torch.save", "save: before (v2)", "save: now", "load: before (v2)", "load: now",
+                 "part: SHA-256 of the blob", "part: fsync"):
+        assert re.search(rf"^{re.escape(name)} +median +\d+\.\d ms +\(min +\d+\.\d, max +\d+\.\d, n=1\)$", proc.stdout,
+                         re.M), (name, proc.stdout)
+    assert re.search(r"^save: now / before, per round: median \d+\.\d\dx", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^save: now +peak Python heap during the save \(tracemalloc\): \d+\.\d MB", proc.stdout, re.M)
+    assert list(tmp_path.iterdir()) == []  # its files removed
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "record_lookup.py"), "--records", "20",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^one look, now: the run's own files read +median +\d+\.\d\d ms", proc.stdout, re.M), proc.stdout
+    assert list(tmp_path.iterdir()) == []
