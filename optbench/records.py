@@ -2,7 +2,9 @@
 
 One JSON file per run. Written to a temporary file in the same directory and then hard-linked to its
 final name, which fails rather than replaces if that name exists: a record is never overwritten. Loading
-never raises for one bad file: unreadable records are reported by name and skipped.
+never raises for one bad file: unreadable records are reported by name and skipped. The name holds the
+run's config hash (`record_filename`), and the looks that decide whether a run is done read the files
+named for that run only (`records_of_runs`), not the whole folder, once per run.
 """
 
 from __future__ import annotations
