@@ -36,7 +36,7 @@ from optbench.optimizers import Built, BuildContext, OptimizerEntry, RunSettings
 from optbench.setup_cache import cached, flops_key, probe_key
 from optbench.records import (SCHEMA_VERSION, ensure_writable, find_finished, record_filename, utc_now,
                               write_record_or_fallback)
-from optbench.tempfiles import remove_stale
+from optbench.tempfiles import RESULTS_TEMPORARIES, remove_stale
 from optbench.train import StopRequested, TrainResult, autocast_for, train, training_step
 
 PACKAGES = ("torchvision", "numpy", "scikit-learn", "optuna")  # besides torch, timm and the optimizers' libraries
@@ -326,7 +326,8 @@ def run_experiment(config: RunConfig, reporter: Any = None, data: ImageData | No
         {"config": config.to_dict(), "optimizer": config.optimizer, "config_hash": config.config_hash,
          "started_at": started_at}).replace(".json", "-999.json"))
     # Temporaries of processes killed while writing (records, checkpoints, cache entries) go now.
-    remove_stale(config.results_dir, Path(config.results_dir) / "checkpoints", Path(config.results_dir) / "cache")
+    remove_stale(config.results_dir, Path(config.results_dir) / "checkpoints", Path(config.results_dir) / "cache",
+                 names=RESULTS_TEMPORARIES)
     claim = claim_run(config, reuse_finished=resume or settled is not None, settled=settled, warn=reporter.warn)
     if claim.finished is not None:
         reporter.phase(f"this run has finished already: reusing {claim.finished['_path']} (nothing trained)")

@@ -20,6 +20,12 @@ PREFIXES = (".tmp-", ".write-test-")
 STALE_AFTER_S = 600.0
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 _OWNED = re.compile(r"^\.(?:tmp|write-test)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+# The temporaries optbench writes in a results folder and its checkpoints/ and cache/ (records, checkpoints,
+# cache entries, the write test), named as `temp_name` names them, and as an older optbench named them
+# (tempfile's 8 random characters after the prefix). A results folder is one the user names
+# (`--results-dir .`): another program's `.tmp-` file there is not optbench's to delete, however old.
+RESULTS_TEMPORARIES = re.compile(r"^\.(?:tmp-(?:[A-Za-z0-9_.]+-\d+-[0-9a-f]{8}|[a-z0-9_]{8})\.(?:json|pt)"
+                                 r"|write-test-(?:[A-Za-z0-9_.]+-\d+-[0-9a-f]{8}x*|[a-z0-9_]{8}))$")
 
 
 def temp_name(suffix: str, prefix: str = ".tmp-") -> str:

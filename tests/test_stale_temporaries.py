@@ -113,3 +113,24 @@ def test_the_data_folders_own_temporaries_go_and_nothing_else(tmp_path: Path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_results_folder_keeps_old_dot_files_optbench_cannot_attribute(tmp_path: Path):
+    """--results-dir can be a folder the user keeps other files in (`--results-dir .`): a run's start removes
+    optbench's own stale temporaries there, an older optbench's unnamed ones included, and nothing else,
+    however old (a user's `.tmp-notes.txt`, another program's `.write-test-...`)."""
+    results = tmp_path / "here"
+    results.mkdir()
+    old = time.time() - STALE_AFTER_S - 3600
+    ours = [results / ".tmp-abcdefgh.json",  # an older optbench's record temporary (mkstemp)
+            results / ".tmp-otherhost-4242-0123abcd.json"]  # a record's from another host, long dead
+    not_ours = [results / ".tmp-notes.txt", results / ".tmp-draft-v2.md", results / ".write-test-mine.sh",
+                results / ".tmp-0123abcd.npz"]
+    for path in (*ours, *not_ours):
+        path.write_bytes(b"x")
+        os.utime(path, (old, old))
+
+    record, _ = run_experiment(tiny_config("adamw", results, memory_probe=False, epochs=1))
+    assert record["status"] == "ok"
+    assert not any(p.exists() for p in ours), [p for p in ours if p.exists()]
+    assert all(p.exists() for p in not_ours), [p for p in not_ours if not p.exists()]
