@@ -4,6 +4,7 @@ filesystems, so two processes -- on one machine or on several sharing the direct
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -28,6 +29,9 @@ from typing import Any
 # another process breaks it when it is stale: its holder's pid is gone on this host, or its heartbeat is
 # older than LOCK_STALE_S (another host's crash, a lost node). Ages are measured against the file
 # server's clock (the mtime of a directory just touched), so clock skew between nodes does not count.
+# "This host" is where a pid names one process (`pid_space`): the host name alone is not enough, since
+# containers run with host networking share the host's name but not its pids, and a pid absent here may
+# be a live holder there.
 
 LOCK_HEARTBEAT_S = 10.0
 LOCK_STALE_S = 120.0  # 12 missed heartbeats; longer than NFS attribute caching (acregmax 60 s)
@@ -64,6 +68,28 @@ def _server_now(directory: Path) -> float:
         return time.time()
 
 
+@functools.lru_cache(maxsize=1)
+def pid_space() -> str:
+    """Where this process's pid means this process: the host name, this boot of the kernel and the pid
+    namespace. Two containers with one host name (host networking) or two machines given one name differ."""
+    parts = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            parts.append("")
+    return "|".join(parts)
+
+
+def pid_is_ours(owner: dict[str, Any]) -> bool:
+    """Whether `owner`'s pid (a lock's holder, a tune trial's process) can be looked up from here. An owner
+    written before `pid_space` was recorded is judged by its host name."""
+    if "pid_space" in owner:
+        return owner["pid_space"] == pid_space()
+    return owner.get("host") == socket.gethostname()
+
+
 def _pid_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -88,17 +114,23 @@ def lock_is_stale(owner: dict[str, Any] | None) -> bool:
         return True
     if owner.get("unreadable"):
         return False  # being written right now, or a crash right after creating it (then it ages out)
-    return owner.get("host") == socket.gethostname() and not _pid_alive(owner.get("pid"))
+    return pid_is_ours(owner) and not _pid_alive(owner.get("pid"))
 
 
-def run_lost(results_dir: str | Path, config_hash: str | None, host: str | None, pid: Any,
+def this_process() -> dict[str, Any]:
+    """Who holds a lock or runs a trial: {host, pid, pid_space}."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_space": pid_space()}
+
+
+def run_lost(results_dir: str | Path, config_hash: str | None, process: dict[str, Any] | None,
              started_at: float | None) -> bool:
-    """Whether the process that took up a run (`host`, `pid`, since `started_at`; None when it has not said
-    yet) is gone, for work that holds the run's lock for nearly all its life (a tune trial: `tune.trial_lost`):
+    """Whether the process that took up a run (`process`: this_process() of it, None when it has not said
+    yet; since `started_at`) is gone, for work that holds the run's lock for nearly all its life (a tune
+    trial: `tune.trial_lost`):
     - a live lock: not gone (held by that process, or by another one it waits for);
     - a stale lock held by that process: gone (dead on this host, or no heartbeat for LOCK_STALE_S);
     - otherwise (no lock, or a stale one of an earlier attempt, which that process breaks when it takes the
-      lock), the process on this host: gone when it is dead;
+      lock), the process on this host (`pid_is_ours`): gone when it is dead;
     - another host, or not known yet: gone when neither `started_at` nor the run's checkpoint or record is
       younger than LOCK_STALE_S (between taking the work and the lock, or the lock and the end, takes a
       moment, not minutes; `started_at` is the other host's clock, so clock skew must stay well below
@@ -108,10 +140,10 @@ def run_lost(results_dir: str | Path, config_hash: str | None, host: str | None,
         owner = read_lock(lock_path(results_dir, config_hash))
         if owner is not None and not lock_is_stale(owner):
             return False
-        if owner is not None and host is not None and (owner.get("host"), owner.get("pid")) == (host, pid):
+        if owner is not None and process is not None and all(owner.get(k) == process.get(k) for k in process):
             return True
-    if host is not None and host == socket.gethostname():
-        return not _pid_alive(pid)
+    if process is not None and pid_is_ours(process):
+        return not _pid_alive(process.get("pid"))
     if started_at is not None and time.time() - started_at < LOCK_STALE_S:
         return False
     files = [*Path(results_dir).glob(f"*-{config_hash}-*.json"), lock_path(results_dir, config_hash).with_suffix(".pt")] \
@@ -203,7 +235,7 @@ def acquire_run_lock(results_dir: str | Path, config_hash: str) -> RunLock | Non
             _break_stale(path, owner)
             continue
         token = uuid.uuid4().hex
-        owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": token, "started_at": time.time(),
+        owner = {**this_process(), "token": token, "started_at": time.time(),
                  "job_id": os.environ.get("OPTBENCH_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
                  "worker": os.environ.get("OPTBENCH_WORKER")}
         with os.fdopen(fd, "w") as handle:

@@ -215,7 +215,7 @@ def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[S
             optimizer, name, budget, complete=sum(t["state"] == "COMPLETE" for t in settled),
             scored_zero=sum(t["state"] == "COMPLETE" and t.get("status") not in (None, "ok") for t in settled),
             running=len(running),
-            lost=sum(run_lost(trials_dir, t["config_hash"], t["host"], t["pid"], t["started"]) for t in running),
+            lost=sum(run_lost(trials_dir, t["config_hash"], t["process"], t["started"]) for t in running),
             waiting=status.waiting, failed=sum(t["state"] == "FAIL" for t in settled), retrying=status.retry_pending,
             pruned=sum(t["state"] == "PRUNED" for t in trials), retries=_retries_spent(trials),
             workers=[str(t.get("worker") or "?") for t in running]))

@@ -33,7 +33,6 @@ import fcntl
 import hashlib
 import json
 import os
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -439,14 +438,16 @@ def trial_lost(trial, trials_dir: Path) -> bool:
     from optbench.runlock import run_lost
 
     start = trial.datetime_start.timestamp() if trial.datetime_start is not None else None
-    return run_lost(trials_dir, trial.user_attrs.get("config_hash"), *trial_process(trial.number, trial.user_attrs),
+    return run_lost(trials_dir, trial.user_attrs.get("config_hash"), trial_process(trial.number, trial.user_attrs),
                     start)
 
 
 def mark_taken(trial) -> None:
     """Say which process runs the trial (for `trial_lost` and `optbench status`), first thing in its objective:
     one user attribute, so a reader never sees this host with the pid of the lost worker a retry inherits."""
-    trial.set_user_attr("process", {"trial": trial.number, "host": socket.gethostname(), "pid": os.getpid()})
+    from optbench.runlock import this_process
+
+    trial.set_user_attr("process", {"trial": trial.number, **this_process()})
 
 
 def retry(study, trial, counted: bool = True) -> None:

@@ -48,26 +48,25 @@ def trial_dicts(study, optimizer: str) -> list[dict[str, Any]]:
     """An Optuna study's trials as the plain dicts this module reads (module docstring)."""
     out = []
     for t in study.get_trials(deepcopy=False):
-        host, pid = trial_process(t.number, t.user_attrs)
         out.append({"optimizer": optimizer, "number": t.number, "slot": t.user_attrs.get("slot"),
                     "state": t.state.name, "value": t.value if t.state.name == "COMPLETE" else None,
                     "params": dict(t.params or t.system_attrs.get("fixed_params", {})),
                     "defaults": bool(t.user_attrs.get("defaults")), "config_hash": t.user_attrs.get("config_hash"),
                     "record": t.user_attrs.get("record"), "status": t.user_attrs.get("status"),
-                    "worker": t.user_attrs.get("worker"), "host": host, "pid": pid,
+                    "worker": t.user_attrs.get("worker"), "process": trial_process(t.number, t.user_attrs),
                     "started": t.datetime_start.timestamp() if t.datetime_start is not None else None,
                     "retry_history": list(t.system_attrs.get("retry_history", []))})
     return out
 
 
-def trial_process(number: int, user_attrs: dict[str, Any]) -> tuple[str | None, Any]:
-    """(host, pid) of the worker process running trial `number`, or (None, None) until that worker has said so
-    (its "process" user attribute, one write). A retried trial starts with a copy of its failed predecessor's
-    user attributes: their process, the one that was lost, is not this trial's."""
+def trial_process(number: int, user_attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The worker process running trial `number` ({host, pid, pid_space}: runlock.this_process), or None until
+    that worker has said so (its "process" user attribute, one write). A retried trial starts with a copy of
+    its failed predecessor's user attributes: their process, the one that was lost, is not this trial's."""
     process = user_attrs.get("process")
     if isinstance(process, dict) and process.get("trial") == number:
-        return process.get("host"), process.get("pid")
-    return None, None
+        return {k: v for k, v in process.items() if k != "trial"}
+    return None
 
 
 def retries_left(trial: dict[str, Any], max_retry: int | None) -> bool:

@@ -169,6 +169,37 @@ def test_run_lock_is_exclusive_names_its_owner_and_is_broken_only_when_stale(tmp
     taken.release()
 
 
+def test_a_lock_from_another_pid_namespace_with_this_host_name_is_judged_by_its_heartbeat(tmp_path: Path):
+    """Containers run with host networking share the host's name but not its pids: a holder's pid missing here
+    may be alive there. Before, such a live lock was broken at once and the run trained twice."""
+    import socket
+
+    from optbench.runlock import pid_space
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # no such process here
+    path = tmp_path / "checkpoints" / "abc.lock"
+    path.parent.mkdir(parents=True)
+    for space, stale in ((pid_space() + "-another-container", False), (pid_space(), True), (None, True)):
+        owner = {"host": socket.gethostname(), "pid": gone.pid, "token": "t",
+                 **({"pid_space": space} if space is not None else {})}  # None: a lock from before pid_space
+        path.write_text(json.dumps(owner))
+        assert lock_is_stale(read_lock(path)) is stale, owner
+        taken = acquire_run_lock(tmp_path, "abc")
+        assert (taken is None) is not stale, owner
+        if taken is not None:
+            taken.release()
+        path.unlink(missing_ok=True)
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "token": "t",
+                                "pid_space": pid_space() + "-another-container"}))
+    old = time.time() - 1000
+    os.utime(path, (old, old))
+    assert lock_is_stale(read_lock(path))  # its heartbeat stopped: stale wherever it was held
+    taken = acquire_run_lock(tmp_path, "abc")
+    assert read_lock(taken.path)["pid_space"] == pid_space()
+    taken.release()
+
+
 def test_slurm_settings_from_cluster_yaml_and_options_reach_the_sbatch_script(tmp_path: Path, monkeypatch):
     """The lab's cluster.yaml (OPTBENCH_CONFIG_DIR), overridden by options, becomes submitit's sbatch script:
     one array of worker tasks, the preemption signal before the time limit, extra sbatch settings."""

@@ -331,7 +331,7 @@ def test_a_retried_trial_is_not_failed_while_its_worker_lives_beside_the_lost_wo
     attributes (the dead worker's host and pid) and the dead worker's stale run lock is still there until the
     retry's worker breaks it. Neither may make another worker fail the retry while its own worker lives (before:
     it was failed at once, a second retry spent, and its run trained by two workers)."""
-    from optbench.runlock import lock_path
+    from optbench.runlock import lock_path, this_process
     from optbench.tune import fail_lost_trials, mark_taken, trial_lost
 
     gone = subprocess.Popen(["true"])
@@ -340,11 +340,11 @@ def test_a_retried_trial_is_not_failed_while_its_worker_lives_beside_the_lost_wo
     study = optuna.create_study(study_name="s", storage=open_storage(f"journal:{tmp_path / 'journal.log'}"))
     study.enqueue_trial({}, user_attrs={"slot": 0, "defaults": True})
     lost = study.ask()
-    lost.set_user_attr("process", {"trial": lost.number, "host": socket.gethostname(), "pid": gone.pid})
+    lost.set_user_attr("process", {"trial": lost.number, **this_process(), "pid": gone.pid})
     lost.set_user_attr("config_hash", config_hash)
     lock = lock_path(trials_dir, config_hash)
     lock.parent.mkdir(parents=True)
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "token": "dead worker's"}))
+    lock.write_text(json.dumps({**this_process(), "pid": gone.pid, "token": "dead worker's"}))
 
     fail_lost_trials(study, False, trials_dir)  # the dead worker's trial: failed and re-queued
     retry = study.ask()
@@ -357,7 +357,7 @@ def test_a_retried_trial_is_not_failed_while_its_worker_lives_beside_the_lost_wo
     assert not trial_lost(study.get_trials(deepcopy=False)[1], trials_dir)
     fail_lost_trials(study, False, trials_dir)
     assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["FAIL", "RUNNING"]  # no second retry
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": "the retry's"}))
+    lock.write_text(json.dumps({**this_process(), "token": "the retry's"}))
     assert not trial_lost(study.get_trials(deepcopy=False)[1], trials_dir)  # holding the lock, alive
 
 
