@@ -134,3 +134,39 @@ def test_a_results_folder_keeps_old_dot_files_optbench_cannot_attribute(tmp_path
     assert record["status"] == "ok"
     assert not any(p.exists() for p in ours), [p for p in ours if p.exists()]
     assert all(p.exists() for p in not_ours), [p for p in not_ours if not p.exists()]
+
+
+# A writer in another container with this host name (host networking): its pid space differs, and its pid
+# means nothing here. It writes a temporary and exits, so its pid is dead here as a live pid there would be.
+WRITE_IN_ANOTHER_PID_SPACE = """
+import sys
+from pathlib import Path
+import optbench.runlock
+optbench.runlock.pid_space = lambda: "another container's pid space"
+from optbench.tempfiles import temp_name
+path = Path(sys.argv[1]) / temp_name(".pt")
+path.write_bytes(b"half a checkpoint")
+print(path)
+"""
+
+
+def test_a_temporary_of_another_pid_space_with_this_host_name_is_judged_by_age(tmp_path: Path):
+    from optbench.tempfiles import _HOST, remove_stale, temp_name
+
+    written = subprocess.run([sys.executable, "-c", WRITE_IN_ANOTHER_PID_SPACE, str(tmp_path)],
+                             capture_output=True, text=True, check=True)
+    theirs = Path(written.stdout.strip())
+    assert theirs.name.startswith(f".tmp-{_HOST}.")  # the same host name as ours
+    ours_dead = tmp_path / temp_name(".pt").replace(f"-{os.getpid()}-", "-999999999-")  # no such pid here
+    older_young = tmp_path / f".tmp-{_HOST}-999999999-0123abcd.pt"  # an older optbench's name
+    older_old = tmp_path / f".tmp-{_HOST}-999999998-0123abcd.pt"
+    for path in (ours_dead, older_young, older_old):
+        path.write_bytes(b"x")
+    os.utime(older_old, (time.time() - STALE_AFTER_S - 60,) * 2)
+
+    removed = remove_stale(tmp_path)
+    assert sorted(removed) == sorted([ours_dead, older_old])
+    assert theirs.exists() and older_young.exists()
+    old_aged = theirs.stat().st_mtime - STALE_AFTER_S - 60
+    os.utime(theirs, (old_aged,) * 2)
+    assert remove_stale(tmp_path) == [theirs]  # untouched for STALE_AFTER_S: gone
