@@ -116,11 +116,13 @@ def _one(run: dict[str, Any], records: list[dict[str, Any]], checkpoints: Path) 
                     + (f"; last checkpoint: {reached}" if reached else ""))
     if latest is not None and outcome(latest) == "failed":
         return make("failed", f"{latest['status']}: {latest.get('status_detail') or ''}".strip())
-    if checkpoint.exists():
-        reached = _reached(checkpoint)
-        return make("stopped", (f"{reached}; " if reached else "") + f"checkpoint saved "
-                    f"{_age(time.time() - checkpoint.stat().st_mtime)} ago; compare resumes it")
-    return make("planned", "")
+    try:  # one look: a checkpoint removed meanwhile (its run finished) is no checkpoint, not an error
+        saved = checkpoint.stat().st_mtime
+    except OSError:
+        return make("planned", "")
+    reached = _reached(checkpoint)
+    return make("stopped", (f"{reached}; " if reached else "") + f"checkpoint saved "
+                f"{_age(time.time() - saved)} ago; compare resumes it")
 
 
 def _reached(checkpoint: Path) -> str:

@@ -243,6 +243,28 @@ def test_a_renamed_record_is_named_by_the_one_pass_and_found_by_no_look(tmp_path
     assert find_finished(tmp_path, minimal_record()["config_hash"])["_path"] == str(written)
 
 
+def test_status_of_a_checkpoint_removed_while_status_looks_is_no_traceback(tmp_path, monkeypatch):
+    """A stopped run's checkpoint that goes away while `status` reads it (its run finished meanwhile, and
+    the record replaced it): status still answers (one look at the file, not a check then a second look)."""
+    import optbench.status
+    from optbench.status import grid_status, record_plan
+
+    config_hash = "0123456789ab"
+    record_plan(tmp_path, [{"config_hash": config_hash, "optimizer": "adamw", "seed": 0}])
+    checkpoint = tmp_path / "checkpoints" / f"{config_hash}.pt"
+    checkpoint.write_bytes(b"a checkpoint of a stopped run\n")
+    assert [run.state for run in grid_status(tmp_path)[0]] == ["stopped"]
+    real_read_header = optbench.status.read_header
+
+    def removed_while_read(path):  # the run finishes and removes its checkpoint as status reads its header
+        path.unlink(missing_ok=True)
+        return real_read_header(path)
+
+    monkeypatch.setattr(optbench.status, "read_header", removed_while_read)
+    assert [run.state for run in grid_status(tmp_path)[0]] in (["stopped"], ["planned"])
+    assert [run.state for run in grid_status(tmp_path)[0]] == ["planned"]  # gone: nothing to resume
+
+
 def test_status_counts_a_renamed_or_edited_record_as_no_run_of_its_hash(tmp_path):
     """`optbench status` says what compare and the workers would do: a record they do not reuse (renamed
     away from its hash, or its config edited) does not make the planned run finished there either."""
