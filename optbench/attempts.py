@@ -71,7 +71,10 @@ def records_by_hash(results_dir: str | Path, config_hashes: set[str] | None = No
 
 
 def newest(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return max(records, key=lambda r: r.get("finished_at") or "") if records else None
+    """The newest of a run's records, by the rule records.newest_record gives every look (ties by file name)."""
+    from optbench.records import newest_record
+
+    return newest_record(records)
 
 
 def settling_record(records: list[dict[str, Any]], since: str = "", rerun: bool = False) -> dict[str, Any] | None:

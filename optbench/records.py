@@ -454,7 +454,7 @@ def finished_runs(results_dir: str | Path, skipped: Callable[[str], None] | None
     directory = Path(results_dir)
     if not directory.is_dir():
         return {}
-    newest: dict[str, dict[str, Any]] = {}
+    of_run: dict[str, list[dict[str, Any]]] = {}
     loaded = load_records(directory)
     for problem in loaded.problems if skipped is not None else ():
         skipped(problem)
@@ -465,9 +465,9 @@ def finished_runs(results_dir: str | Path, skipped: Callable[[str], None] | None
         if problem:
             if skipped is not None:
                 skipped(f"{Path(rec['_path']).name}: {problem}")
-        elif rec.get("finished_at", "") >= newest.get(rec["config_hash"], {}).get("finished_at", ""):
-            newest[rec["config_hash"]] = rec
-    return newest
+        else:
+            of_run.setdefault(rec["config_hash"], []).append(rec)
+    return {config_hash: newest_record(found) for config_hash, found in of_run.items()}
 
 
 def reuse_problem(record: dict[str, Any]) -> str | None:
@@ -520,14 +520,24 @@ def records_of_runs(results_dir: str | Path, config_hashes: set[str] | list[str]
     return out
 
 
+def newest_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest of `records` (of one run), the one rule every look uses: the latest `finished_at`; of
+    equal times (one clock tick, or clocks of two hosts), the one whose file name comes last -- the later
+    start stamp, then write_record's attempt number (-1, -2, ... for a name already taken), so the same
+    files always give the same answer, whatever order the folder lists them in."""
+    def newness(record: dict[str, Any]) -> tuple[str, str, int]:
+        name = Path(record.get("_path") or "").name
+        stem, _, attempt = name.removesuffix(".json").rpartition("-")
+        if not attempt.isdigit():
+            stem, attempt = name.removesuffix(".json"), "0"
+        return record.get("finished_at") or "", stem, int(attempt)
+
+    return max(records, key=newness) if records else None
+
+
 def newest_finished(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The newest completed (ok or diverged) record of `records` (of one run), the last of equal times."""
-    newest = None
-    for rec in records:
-        if rec["status"] in ("ok", "diverged") and (newest is None or rec.get("finished_at", "") >=
-                                                    newest.get("finished_at", "")):
-            newest = rec
-    return newest
+    """The newest completed (ok or diverged) record of `records` (of one run): `newest_record`'s rule."""
+    return newest_record([rec for rec in records if rec["status"] in ("ok", "diverged")])
 
 
 def find_finished(results_dir: str | Path, config_hash: str,

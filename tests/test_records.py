@@ -243,6 +243,24 @@ def test_a_renamed_record_is_named_by_the_one_pass_and_found_by_no_look(tmp_path
     assert find_finished(tmp_path, minimal_record()["config_hash"])["_path"] == str(written)
 
 
+def test_every_look_takes_the_same_newest_of_two_records_finished_in_one_second(tmp_path):
+    """Two finished records of one run with the same `finished_at` (one-second stamps): compare's look by
+    name, the whole folder's look, and the executors' and status's grouping take the same one, the one
+    written second (write_record names it -1), whatever order the folder lists them in."""
+    from optbench.attempts import newest, records_by_hash, settling_record
+    from optbench.records import newest_finished, records_of_runs
+
+    first = write_record(tmp_path, minimal_record(final_test_acc=0.5))
+    second = write_record(tmp_path, minimal_record(final_test_acc=0.75))
+    assert second.name == first.name.replace(".json", "-1.json")
+    config_hash = minimal_record()["config_hash"]
+    found = records_of_runs(tmp_path, {config_hash})[config_hash]
+    picks = {"find_finished": find_finished(tmp_path, config_hash), "finished_runs": finished_runs(tmp_path)[config_hash],
+             "newest": newest(records_by_hash(tmp_path)[config_hash]), "settling": settling_record(found),
+             "newest, listed backwards": newest(found[::-1]), "newest_finished, backwards": newest_finished(found[::-1])}
+    assert {name: Path(rec["_path"]).name for name, rec in picks.items()} == {name: second.name for name in picks}
+
+
 def test_status_of_a_checkpoint_removed_while_status_looks_is_no_traceback(tmp_path, monkeypatch):
     """A stopped run's checkpoint that goes away while `status` reads it (its run finished meanwhile, and
     the record replaced it): status still answers (one look at the file, not a check then a second look)."""
