@@ -255,14 +255,19 @@ def study_status(plan: TunePlan, storage) -> dict[str, tuple[Budget, list[dict[s
 # --- the worker ------------------------------------------------------------------------------------
 
 
+BUSY_POLL_S = 2.0  # how often a trial whose run another live process holds looks again
+
+
 def _run_trial_run(config: RunConfig, data, say: Callable[[str], None], track: tuple[str, ...] = (),
                    track_uri: str | None = None) -> tuple[dict[str, Any], Path]:
     """The trial's run: its finished record if there is one, else the run (resumed from its checkpoint).
     If another live process holds the run (a worker that missed its heartbeats), wait for its record."""
     from optbench.experiment import RunBusy, run_experiment
     from optbench.records import find_finished
+    from optbench.runlock import lock_path, read_lock
 
     warn = say  # a record of this run whose config was edited is named once, not at every look
+    waited_for: object = None  # the holder last named (its lock's token): named once, again when it changes
     while True:
         existing = find_finished(config.results_dir, config.config_hash, warn)
         warn = None
@@ -282,8 +287,13 @@ def _run_trial_run(config: RunConfig, data, say: Callable[[str], None], track: t
                     as reporter:
                 return run_experiment(config, reporter, data=data, resume=True, settled=settled)
         except RunBusy:
-            say(f"{config.optimizer} {config.config_hash}: held by another live process; waiting for it")
-            time.sleep(2)
+            holder = read_lock(lock_path(config.results_dir, config.config_hash)) or {}
+            if waited_for is None or holder.get("token") != waited_for:
+                who = ", ".join(str(holder[k]) for k in ("host", "pid", "worker", "job_id") if holder.get(k))
+                say(f"{config.optimizer} {config.config_hash}: {'held' if waited_for is None else 'taken over'} by "
+                    f"another live process{f' ({who})' if who else ''}; waiting for it")
+                waited_for = holder.get("token", "")
+            time.sleep(BUSY_POLL_S)
 
 
 def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = None,

@@ -530,3 +530,37 @@ def test_tune_on_slurm_needs_a_shared_storage_and_says_when_there_is_no_slurm(tm
     result = runner.invoke(app, [*base, "--storage", f"journal:{tmp_path / 'journal.log'}"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "no SLURM here" in result.output and "--executor submitit-local" in result.output
+
+
+def test_a_trial_waiting_for_its_runs_holder_says_so_once_per_holder(tmp_path: Path, monkeypatch, synthetic_data):
+    """Another live process holds the trial's run: the trial waits, naming the holder once (not at every
+    look), and once more when another process takes the run over; then it runs the run when it is free."""
+    import threading
+
+    import optbench.tune
+    from optbench.experiment import resolve_runtime
+    from optbench.runlock import acquire_run_lock
+    from conftest import tiny_config
+
+    monkeypatch.setattr(optbench.tune, "BUSY_POLL_S", 0.02, raising=False)
+    config = resolve_runtime(tiny_config("adamw", tmp_path / "results", epochs=1, memory_probe=False))  # as tune's
+    held = acquire_run_lock(config.results_dir, config.config_hash)  # a live process: this one
+    said: list[str] = []
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(
+        record=optbench.tune._run_trial_run(config, synthetic_data, said.append)[0]))
+    worker.start()
+    time.sleep(1.0)  # dozens of looks
+    owner = json.loads(held.path.read_text())
+    taken = held.path.with_name("taken-over")
+    taken.write_text(json.dumps({**owner, "token": "another", "worker": "w9"}))
+    taken.replace(held.path)  # another process took the run over (a new token)
+    time.sleep(1.0)
+    held.release()  # not ours any more: left in place
+    held.path.unlink()  # the new holder finishes without a record: the trial runs it
+    worker.join(120)
+    assert not worker.is_alive() and result["record"]["status"] == "ok"
+    waiting = [line for line in said if "waiting for it" in line]
+    assert len(waiting) == 2, said
+    assert "held by another live process" in waiting[0] and "taken over" in waiting[1] and "w9" in waiting[1]
+
