@@ -489,7 +489,7 @@ def status(
         _print_runs(out, f"runs in {grid_dir}" + (" (the defaults' final runs)" if studies is not None else ""), runs,
                     "no runs planned or recorded here")
     if studies is not None:
-        url, rows = studies
+        url, rows, missing = studies
         table = Table(title=f"tuning studies in {tune_dir} ({url})")
         for column in ("optimizer", "budget", "complete", "running", "waiting", "failed", "pruned", "detail"):
             table.add_column(column)
@@ -503,8 +503,8 @@ def status(
                           str(s.failed), str(s.pruned), "; ".join(d for d in detail if d))
         out.print(table)
         done = sum(s.complete + s.failed for s in rows)
-        out.print(f"{done}/{sum(s.budget for s in rows)} trials settled" if rows else "no study found in the storage",
-                  soft_wrap=True)
+        out.print(f"{done}/{sum(s.budget for s in rows)} trials settled" if rows else
+                  missing or "no study found in the storage", soft_wrap=True)
         for folder, final_runs in finals:
             _print_runs(out, f"final runs of the tuned settings in {folder}", final_runs, "none yet")
     if jobs:

@@ -180,8 +180,9 @@ class StudyStatus:
     workers: list[str]  # the workers of the running trials
 
 
-def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[StudyStatus]]:
-    """The storage read, and each study `tune` made for this folder against its budget (read only)."""
+def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[StudyStatus], str]:
+    """The storage read, each study `tune` made for this folder against its budget (read only), and why
+    none is shown when the folder's index names studies the storage does not hold ('' otherwise)."""
     import optuna
 
     from optbench.attempts import MAX_RETRY
@@ -202,7 +203,13 @@ def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[S
         raise RecordError(f"the tune's storage {url} needs its password: pass --storage with it")
     opened = open_study_storage(url)  # read only
     names = [s.study_name for s in optuna.get_all_study_summaries(opened, include_best_trial=False)]
-    ours = [n for n in names if n in index] or names  # a study index from an older tune: every study in the file
+    # No index (an older tune wrote none): every study of the storage. An index none of whose studies is
+    # there: none (the storage holds someone else's studies: a shared database, the wrong --storage).
+    ours = [n for n in names if n in index] if index else names
+    missing = "" if ours or not index else (
+        f"no study that {tune_dir / STUDY_INDEX} names ({', '.join(sorted(index)[:3])}"
+        f"{', ...' if len(index) > 3 else ''}) is in this storage (it holds {len(names)} other"
+        f"{' study' if len(names) == 1 else ' studies'}): pass the --storage the tune used")
     out = []
     trials_dir = tune_dir / "trials"
     for name in ours:
@@ -221,7 +228,7 @@ def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[S
             waiting=status.waiting, failed=sum(t["state"] == "FAIL" for t in settled), retrying=status.retry_pending,
             pruned=sum(t["state"] == "PRUNED" for t in trials), retries=_retries_spent(trials),
             workers=[str(t.get("worker") or "?") for t in running]))
-    return url, out
+    return url, out, missing
 
 
 def _retries_spent(trials: list[dict[str, Any]]) -> int:

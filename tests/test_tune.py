@@ -564,3 +564,16 @@ def test_a_trial_waiting_for_its_runs_holder_says_so_once_per_holder(tmp_path: P
     assert len(waiting) == 2, said
     assert "held by another live process" in waiting[0] and "taken over" in waiting[1] and "w9" in waiting[1]
 
+
+def test_status_shows_no_study_of_a_storage_holding_none_of_the_folders(tmp_path: Path):
+    """The tune folder's index names its studies; a storage holding none of them (a shared database, the
+    wrong --storage) shows none of its own, and says why in one line, rather than every study it holds."""
+    from optbench.status import record_studies
+
+    url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    optuna.create_study(study_name="someone-elses-study", storage=open_storage(url))
+    record_studies(tmp_path / "results" / "tune", url, {"smoke-adamw-grid-3": {"optimizer": "adamw", "budget": 3}})
+    shown = show_status(tmp_path / "results")
+    assert "someone-elses-study" not in shown and "trials settled" not in shown
+    assert "no study that" in shown and "smoke-adamw-grid-3" in shown and "holds 1 other study" in shown
+    assert "pass the --storage the tune used" in shown
