@@ -22,7 +22,9 @@ LONGEST = 512  # bytes: a header is about 120; more than this is not a header
 
 @dataclass(frozen=True)
 class Header:
-    version: int
+    """A header of a version this optbench reads. Its version number is not kept: parsing already tells
+    versions apart (a version 2 line has no progress), and nothing after it depends on the number."""
+
     sha256: bytes  # hex digits, as written
     # Version 3 (None for 2, or for a payload without progress): epochs fully done of the planned epochs,
     # steps taken of the planned steps.
@@ -47,9 +49,9 @@ def parse_header(line: bytes) -> Header | None:
     if len(digest) != 64:
         return None
     if len(parts) == 3:
-        return Header(version, digest)
+        return Header(digest)
     progress = _PROGRESS.fullmatch(parts[3]) if version >= 3 else None
-    return Header(version, digest, *(int(g) for g in progress.groups())) if progress else None
+    return Header(digest, *(int(g) for g in progress.groups())) if progress else None
 
 
 def read_header(path: Path) -> Header | None:
