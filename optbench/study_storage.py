@@ -111,12 +111,10 @@ def open_study_storage(url: str):
     _quiet_optuna()
     try:
         if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
-
             path = Path(url[len("journal:"):]).expanduser()
             if not path.is_file():
                 raise RecordError(f"no Optuna journal at {path}: pass the --storage the tune used")
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            return optuna.storages.JournalStorage(_journal_reader(path))
         if url.startswith("sqlite:///"):
             path = Path(url[len("sqlite:///"):])
             if not path.is_file():
@@ -130,3 +128,40 @@ def open_study_storage(url: str):
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise RecordError(f"cannot read the Optuna storage {_redact(url)} ({exc.__class__.__name__}: {first}): "
                           "pass the --storage the tune used") from None
+
+
+def _journal_reader(path: Path):
+    """A journal file opened for reading only (Optuna's journal backend interface, `BaseJournalBackend`).
+    Optuna's own JournalFileBackend creates the file when it is not there and appends under a lock file
+    beside it; status must do neither (a read-only mount, another user's file and folder), so this one
+    reads the lines as that backend does (a last line without its newline is still being appended) and
+    refuses to write."""
+    import json
+
+    from optuna.storages.journal import BaseJournalBackend
+
+    class JournalReader(BaseJournalBackend):
+        def __init__(self) -> None:
+            self._next = (0, 0)  # (log number, byte offset) after the last complete line read
+
+        def read_logs(self, log_number_from: int):
+            number, offset = self._next if log_number_from >= self._next[0] else (0, 0)
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                for line in handle:
+                    if not line.endswith(b"\n"):
+                        break
+                    try:
+                        log = json.loads(line)
+                    except ValueError:
+                        raise RecordError(f"the Optuna journal {path} is damaged (line {number + 1} is not JSON): "
+                                          "restore it from a copy, or pass the --storage the tune used") from None
+                    number, offset = number + 1, offset + len(line)
+                    self._next = (number, offset)
+                    if number > log_number_from:
+                        yield log
+
+        def append_logs(self, logs: list) -> None:
+            raise RecordError(f"the Optuna journal {path} is opened to be read only: nothing here writes to it")
+
+    return JournalReader()

@@ -577,3 +577,27 @@ def test_status_shows_no_study_of_a_storage_holding_none_of_the_folders(tmp_path
     assert "someone-elses-study" not in shown and "trials settled" not in shown
     assert "no study that" in shown and "smoke-adamw-grid-3" in shown and "holds 1 other study" in shown
     assert "pass the --storage the tune used" in shown
+
+
+def test_status_reads_a_journal_without_writing_to_it(tmp_path: Path):
+    """status's journal storage reads what Optuna's own backend reads, and cannot write: Optuna's
+    JournalFileBackend creates a missing file and appends under a lock file beside it, which a read-only
+    mount or another user's journal refuses; status's reader does neither."""
+    from optbench.errors import RecordError
+    from optbench.study_storage import open_study_storage
+
+    journal = tmp_path / "journal.log"
+    written = optuna.create_study(study_name="s", storage=open_storage(f"journal:{journal}"))
+    written.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    before = journal.read_bytes()
+    with journal.open("ab") as handle:
+        handle.write(b'{"op_code": 4, "worker_id"')  # a line still being appended by a worker
+    read = optuna.load_study(study_name="s", storage=open_study_storage(f"journal:{journal}"))
+    assert [(t.number, t.state, t.value, t.params) for t in read.trials] == \
+        [(t.number, t.state, t.value, t.params) for t in written.trials] and len(read.trials) == 3
+    with pytest.raises(RecordError, match="read only"):
+        optuna.create_study(study_name="another", storage=open_study_storage(f"journal:{journal}"))
+    with pytest.raises(RecordError, match="read only"):
+        read.enqueue_trial({"x": 0.5})
+    assert journal.read_bytes() == before + b'{"op_code": 4, "worker_id"'
+    assert not list(tmp_path.glob("journal.log.lock*"))
