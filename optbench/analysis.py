@@ -19,6 +19,7 @@ import pandas as pd
 from optbench.errors import OptbenchError
 from optbench.models import model_label, model_title
 from optbench.optimizers import BASELINE, COURSE_SET, MEMORY_CHALLENGER, REGISTRY, optimizer_names
+from optbench.records import record_newness
 from optbench.timing import ADVICE, DOES_NOT_STAND, STANDS, record_disturbance
 
 MEMORY_TARGET = 0.30  # the course: "Lion must save >= 30% VRAM vs AdamW"
@@ -127,9 +128,10 @@ def select_workload(records: list[dict[str, Any]], workload: str | None = None) 
     return Selection(list(chosen_runs.values()), workload_of(groups[chosen][0]), sorted(set(notes)))
 
 
-def _preference(record: dict[str, Any]) -> tuple[bool, str]:
-    """Which record stands for a run: a finished one (ok or diverged) over an unfinished one, then newest."""
-    return record["status"] in ("ok", "diverged"), str(record.get("finished_at", ""))
+def _preference(record: dict[str, Any]) -> tuple[bool, tuple[str, str, int]]:
+    """Which record stands for a run: a finished one (ok or diverged) over an unfinished one, then the newest
+    by the rule compare and status use (records.newest_record: ties of finished_at by file name)."""
+    return record["status"] in ("ok", "diverged"), record_newness(record)
 
 
 # --- the table -------------------------------------------------------------------------------------

@@ -525,14 +525,16 @@ def newest_record(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     equal times (one clock tick, or clocks of two hosts), the one whose file name comes last -- the later
     start stamp, then write_record's attempt number (-1, -2, ... for a name already taken), so the same
     files always give the same answer, whatever order the folder lists them in."""
-    def newness(record: dict[str, Any]) -> tuple[str, str, int]:
-        name = Path(record.get("_path") or "").name
-        stem, _, attempt = name.removesuffix(".json").rpartition("-")
-        if not attempt.isdigit():
-            stem, attempt = name.removesuffix(".json"), "0"
-        return record.get("finished_at") or "", stem, int(attempt)
+    return max(records, key=record_newness) if records else None
 
-    return max(records, key=newness) if records else None
+
+def record_newness(record: dict[str, Any]) -> tuple[str, str, int]:
+    """`newest_record`'s order, as a sort key (analysis picks a run's record by it too)."""
+    name = Path(record.get("_path") or "").name
+    stem, _, attempt = name.removesuffix(".json").rpartition("-")
+    if not attempt.isdigit():
+        stem, attempt = name.removesuffix(".json"), "0"
+    return record.get("finished_at") or "", stem, int(attempt)
 
 
 def newest_finished(records: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -202,6 +202,18 @@ def test_a_finished_record_stands_for_its_run_over_a_newer_interrupted_one():
     assert [r["status"] for r in selection.records] == ["ok"]
 
 
+def test_of_two_records_finished_in_one_second_analysis_takes_the_one_compare_and_status_take(tmp_path: Path):
+    """Two finished records of one run with the same finished_at (one-second stamps), listed in name order as
+    load_records lists them: the report uses the one records.newest_record names (the later start)."""
+    from optbench.records import newest_record
+
+    earlier, later = make_record("adamw", 0, 0.5), make_record("adamw", 0, 0.75)
+    earlier["_path"] = str(tmp_path / "cifar100-adamw-seed0-h-20261122T000000Z.json")
+    later["_path"] = str(tmp_path / "cifar100-adamw-seed0-h-20261122T000001Z.json")
+    assert newest_record([earlier, later]) is later
+    assert [r["final_test_acc"] for r in select_workload([earlier, later]).records] == [0.75]
+
+
 def _with_what_ran(rec: dict) -> dict:
     """A record with the blocks a run writes about what ran: the model built, the environment, warnings."""
     rec = json.loads(json.dumps(rec))
