@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -218,6 +219,11 @@ def _local_task(work: Callable[..., dict[str, Any]], payload: Any, name: str, vi
         result = work(payload, name, visible_devices=visible_devices, quiet=quiet)
     except KeyboardInterrupt:
         result = {"worker": name, "interrupted": True, "error": None}
+    # The work is over and only its report and the exit remain: a stop signal now (the parent stopping the
+    # siblings of a worker that met an error, or Ctrl-C) has nothing to stop, and raising it in the
+    # interpreter's exit handlers printed an "Exception ignored ... KeyboardInterrupt" traceback.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     results.put(result)
     raise SystemExit(EXIT_STOPPED if result.get("interrupted") else EXIT_ERROR if result.get("error") else 0)
 

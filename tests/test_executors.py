@@ -337,3 +337,23 @@ def test_a_worker_signalled_while_it_waits_for_a_held_run_stops_as_stopped(tmp_p
     assert outcome.get("codes") == [130], (outcome, capfd.readouterr().err[-3000:])
     assert "Traceback" not in capfd.readouterr().err
     assert not list(tmp_path.glob("*.json"))  # nothing ran
+
+
+def _work_signalled_at_exit(payload, name, visible_devices=None, quiet=False):
+    """A worker's work that is done, and that gets SIGTERM while the interpreter exits (as the parent's stop
+    of a failed worker's siblings may arrive): from an exit handler, so the timing is not left to chance."""
+    import atexit
+
+    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.5)))
+    return {"worker": name, "interrupted": False, "error": None}
+
+
+def test_a_worker_signalled_while_it_exits_prints_no_traceback(capfd):
+    """Found as a flaky tune test: a --workers sibling stopped (SIGTERM) just as it exited raised
+    KeyboardInterrupt in an exit handler, which Python prints as 'Exception ignored ... Traceback'."""
+    from optbench.executors import run_local_workers
+
+    codes = run_local_workers(_work_signalled_at_exit, None, 1, "test", quiet=True)
+    err = capfd.readouterr().err
+    assert codes == [0], err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
