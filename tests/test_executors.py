@@ -290,14 +290,29 @@ def test_a_loop_that_asks_again_reads_only_the_runs_not_settled_yet(tmp_path: Pa
     assert unsettled() == [lion] and read == []  # ... and never again
 
 
-def _catches(pid: int, sig: signal.Signals) -> bool:
-    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/PID/status). Before its task installs one,
-    a spawned worker is still unpickling its target (importing torch), and a signal then is not the case tested."""
+def _waits_for_the_held_run(pid: int) -> bool:
+    """Whether the spawned worker `pid` has begun its task (it catches SIGTERM: SigCgt in /proc/PID/status) and
+    sleeps between its looks at the held run (in the kernel's nanosleep, /proc/PID/wchan). Before, the worker is
+    still unpickling its target or importing, and a signal then is another case: at load 3-4 a SIGINT sent two
+    seconds after the worker began was lost in its imports and the test waited out its 120 s."""
     try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
     except OSError:  # not started yet, or gone
         return False
-    return any(line.startswith("SigCgt:") and int(line.split()[1], 16) >> (sig - 1) & 1 for line in lines)
+    catches = any(line.startswith("SigCgt:") and int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1
+                  for line in status)
+    return catches and "nanosleep" in wchan
+
+
+def _process_state(pid: int) -> str:
+    """What a worker that did not stop was doing (for the failure message): state, signals, kernel wait."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        wanted = [line for line in lines if line.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+        return "; ".join(wanted) + "; wchan " + Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return f"process {pid} is gone"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -322,19 +337,18 @@ def test_a_worker_signalled_while_it_waits_for_a_held_run_stops_as_stopped(tmp_p
     try:
         waiting.start()
         deadline = time.time() + 180
-        while time.time() < deadline:  # the worker's task has begun once it catches SIGTERM (its first act)
+        while time.time() < deadline:
             children = multiprocessing.active_children()
-            if children and _catches(children[0].pid, signal.SIGTERM):
+            if children and _waits_for_the_held_run(children[0].pid):
                 break
             time.sleep(0.2)
         else:
-            raise AssertionError("the worker did not start")
-        time.sleep(2)  # in its wait for the held run
+            raise AssertionError("the worker did not start waiting for the held run")
         os.kill(children[0].pid, sig)
         waiting.join(timeout=120)
     finally:
         held.release()
-    assert outcome.get("codes") == [130], (outcome, capfd.readouterr().err[-3000:])
+    assert outcome.get("codes") == [130], (outcome, _process_state(children[0].pid), capfd.readouterr().err[-3000:])
     assert "Traceback" not in capfd.readouterr().err
     assert not list(tmp_path.glob("*.json"))  # nothing ran
 
