@@ -290,19 +290,17 @@ def test_a_loop_that_asks_again_reads_only_the_runs_not_settled_yet(tmp_path: Pa
     assert unsettled() == [lion] and read == []  # ... and never again
 
 
-def _waits_for_the_held_run(pid: int) -> bool:
-    """Whether the spawned worker `pid` has begun its task (it catches SIGTERM: SigCgt in /proc/PID/status) and
-    sleeps between its looks at the held run (in the kernel's nanosleep, /proc/PID/wchan). Before, the worker is
-    still unpickling its target or importing, and a signal then is another case: at load 3-4 a SIGINT sent two
-    seconds after the worker began was lost in its imports and the test waited out its 120 s."""
+def _waits_for_the_held_run(pid: int, sig: signal.Signals) -> bool:
+    """Whether the spawned worker `pid` has begun its task (it catches SIGTERM, its task's first act, and `sig`:
+    SigCgt in /proc/PID/status) and sleeps between its looks at the held run (the kernel's nanosleep,
+    /proc/PID/wchan). Before that the worker is still unpickling its target or importing: another case."""
     try:
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
         wchan = Path(f"/proc/{pid}/wchan").read_text()
     except OSError:  # not started yet, or gone
         return False
-    catches = any(line.startswith("SigCgt:") and int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1
-                  for line in status)
-    return catches and "nanosleep" in wchan
+    caught = next((int(line.split()[1], 16) for line in status if line.startswith("SigCgt:")), 0)
+    return all(caught >> (s - 1) & 1 for s in (signal.SIGTERM, sig)) and "nanosleep" in wchan
 
 
 def _process_state(pid: int) -> str:
@@ -334,12 +332,16 @@ def test_a_worker_signalled_while_it_waits_for_a_held_run_stops_as_stopped(tmp_p
     outcome: dict = {}
     waiting = threading.Thread(target=lambda: outcome.update(
         codes=run_local_workers(run_worker, Grid((config,)), 1, "test", quiet=True)))
+    # A shell that starts pytest in the background (or nohup) has it ignore SIGINT, and a child inherits an
+    # ignored signal: the worker would then never see this Ctrl-C (three full-suite runs started so failed).
+    # Give the worker what a Ctrl-C at a terminal meets: Python's own handler.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         waiting.start()
         deadline = time.time() + 180
         while time.time() < deadline:
             children = multiprocessing.active_children()
-            if children and _waits_for_the_held_run(children[0].pid):
+            if children and _waits_for_the_held_run(children[0].pid, sig):
                 break
             time.sleep(0.2)
         else:
@@ -347,6 +349,7 @@ def test_a_worker_signalled_while_it_waits_for_a_held_run_stops_as_stopped(tmp_p
         os.kill(children[0].pid, sig)
         waiting.join(timeout=120)
     finally:
+        signal.signal(signal.SIGINT, previous_sigint)
         held.release()
     assert outcome.get("codes") == [130], (outcome, _process_state(children[0].pid), capfd.readouterr().err[-3000:])
     assert "Traceback" not in capfd.readouterr().err
