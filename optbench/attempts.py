@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 FINISHED = ("ok", "diverged")
-FAILED = ("oom", "failed")
 STOPPED = "interrupted"
 MAX_RETRY = 3  # a trial failed by errors or lost workers this many times more is settled with the worst score
 EXIT_ERROR, EXIT_STOPPED = 1, 130  # a worker process's exit code after an error, after a stop

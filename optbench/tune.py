@@ -45,7 +45,7 @@ from optbench.errors import ConfigError, OptbenchError
 from optbench.attempts import EXIT_STOPPED, MAX_RETRY
 from optbench.attempts import outcome as attempt_outcome
 from optbench.executors import ExecutorSpec, worker_name
-from optbench.study_storage import (DEFAULT_HEARTBEAT_S, _quiet_optuna, _redact, default_storage,  # noqa: F401
+from optbench.study_storage import (DEFAULT_HEARTBEAT_S, _quiet_optuna, _redact, default_storage,
                                      heartbeat_enabled, open_storage)
 from optbench.search_space import SearchSpace, check_equal_grids, parse_search_space
 from optbench.tune_analysis import Budget, budget_status, best_trial, trial_dicts, trial_process
@@ -296,12 +296,12 @@ def _run_trial_run(config: RunConfig, data, say: Callable[[str], None], track: t
             time.sleep(BUSY_POLL_S)
 
 
-def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = None,
-                visible_devices: str | None = None, quiet: bool = False) -> dict[str, Any]:
+def tune_worker(plan: TunePlan, name: str | None = None, visible_devices: str | None = None,
+                quiet: bool = False) -> dict[str, Any]:
     """Run queued trials of the plan's studies until every study has settled its budget.
 
     Top-level and picklable (an executor can run it anywhere the storage and the results directory are
-    reachable). `threads`: torch intra-op threads for this worker; `visible_devices`: its
+    reachable); its runs take their thread count from their configs. `visible_devices`: its
     CUDA_VISIBLE_DEVICES (one GPU per worker). Returns {"worker", "trials", "interrupted", "error"}: a stop
     or an error ends it early (attempts.py). While trials run in other workers it waits; a trial whose
     worker was lost is failed and re-queued (`fail_lost_trials`) and may be taken up here.
@@ -309,14 +309,11 @@ def tune_worker(plan: TunePlan, name: str | None = None, threads: int | None = N
     if visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices  # before torch initialises CUDA
     import optuna
-    import torch
 
     from optbench.compare import data_key
     from optbench.console import console
     from optbench.data import load_dataset
 
-    if threads:
-        torch.set_num_threads(threads)
     name = name or worker_name()
     storage = open_storage(plan.storage, plan.heartbeat_s)
     beating = heartbeat_enabled(storage)
