@@ -90,7 +90,7 @@ def pid_is_ours(owner: dict[str, Any]) -> bool:
     return owner.get("host") == socket.gethostname()
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -114,7 +114,7 @@ def lock_is_stale(owner: dict[str, Any] | None) -> bool:
         return True
     if owner.get("unreadable"):
         return False  # being written right now, or a crash right after creating it (then it ages out)
-    return pid_is_ours(owner) and not _pid_alive(owner.get("pid"))
+    return pid_is_ours(owner) and not pid_alive(owner.get("pid"))
 
 
 def this_process() -> dict[str, Any]:
@@ -143,7 +143,7 @@ def run_lost(results_dir: str | Path, config_hash: str | None, process: dict[str
         if owner is not None and process is not None and all(owner.get(k) == process.get(k) for k in process):
             return True
     if process is not None and pid_is_ours(process):
-        return not _pid_alive(process.get("pid"))
+        return not pid_alive(process.get("pid"))
     if started_at is not None and time.time() - started_at < LOCK_STALE_S:
         return False
     files = [*Path(results_dir).glob(f"*-{config_hash}-*.json"), lock_path(results_dir, config_hash).with_suffix(".pt")] \

@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from optbench.runlock import pid_space
+from optbench.runlock import pid_alive, pid_space
 
 PREFIXES = (".tmp-", ".write-test-")
 STALE_AFTER_S = 600.0
@@ -47,20 +47,10 @@ def temp_name(suffix: str, prefix: str = ".tmp-") -> str:
     return f"{prefix}{_writer_space()}-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def is_stale(path: Path, now: float | None = None) -> bool:
     owned = _OWNED.match(path.name)
     if owned and owned["host"] == _writer_space():  # its pid means a process here
-        return not _alive(int(owned["pid"]))
+        return not pid_alive(int(owned["pid"]))
     try:
         return (now or time.time()) - path.stat().st_mtime > STALE_AFTER_S
     except OSError:
