@@ -15,19 +15,28 @@ SLURM job ids (`RESULTS/slurm/jobs.json`). Each planned run is in one state:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optbench.attempts import newest, outcome, records_by_hash, settling_record
+from optbench.attempts import MAX_RETRY, newest, outcome, records_by_hash, settling_record
 from optbench.checkpoint_header import read_header
 from optbench.runlock import lock_is_stale, read_lock
 from optbench.errors import RecordError
+from optbench.tempfiles import temp_name
 
 GRID_FILE = "checkpoints/planned.json"  # beside the locks; not in RESULTS/, where every *.json is a record
 STATES = ("finished", "failed", "running", "stale", "stopped", "planned")
+
+
+def _write_json(path: Path, document: dict[str, Any]) -> None:
+    """Replace `path` with `document` atomically; the temporary is named as tempfiles names its own, so one a
+    killed writer leaves is cleaned like the others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / temp_name(".json")
+    tmp.write_text(json.dumps(document, indent=1))
+    tmp.replace(path)
 
 
 def record_plan(results_dir: str | Path, runs: list[dict[str, Any]]) -> None:
@@ -40,10 +49,7 @@ def record_plan(results_dir: str | Path, runs: list[dict[str, Any]]) -> None:
     by_hash = {r.get("config_hash"): r for r in known if isinstance(r, dict)}
     for run in runs:
         by_hash.setdefault(run["config_hash"], run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}")
-    tmp.write_text(json.dumps({"runs": list(by_hash.values())}, indent=1))
-    tmp.replace(path)
+    _write_json(path, {"runs": list(by_hash.values())})
 
 
 @dataclass
@@ -148,10 +154,7 @@ def record_studies(tune_dir: str | Path, storage: str, studies: dict[str, dict[s
         known = {}
     index = {"studies": {**known.get("studies", {}), **{name: {**info, "storage": storage}
                                                           for name, info in studies.items()}}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.time_ns()}")
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(path)
+    _write_json(path, index)
 
 
 def tune_folder(results_dir: str | Path) -> Path | None:
@@ -185,7 +188,6 @@ def tune_status(tune_dir: Path, storage: str | None = None) -> tuple[str, list[S
     none is shown when the folder's index names studies the storage does not hold ('' otherwise)."""
     import optuna
 
-    from optbench.attempts import MAX_RETRY
     from optbench.runlock import run_lost
     from optbench.study_storage import STUDY_FILE, open_study_storage
     from optbench.tune_analysis import budget_status, trial_dicts
